@@ -1,0 +1,69 @@
+// Argument checks and shape helpers shared by the CPU and CUDA kernels, so both backends
+// reject the same inputs with the same words.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <vector>
+
+namespace fastcap {
+
+// The channel dim, wrapped into [1, dim): dim 0 is always the batch.
+inline int64_t wrap_channel_dim(const at::Tensor& src, int64_t channel_dim) {
+  TORCH_CHECK_VALUE(src.dim() >= 2, "a channel reduction needs an input of at least 2 dims [N, C, ...], got shape ",
+                    src.sizes());
+  const int64_t d = channel_dim < 0 ? channel_dim + src.dim() : channel_dim;
+  TORCH_CHECK_VALUE(d >= 1 && d < src.dim(), "channel_dim=", channel_dim, " does not fit shape ",
+                    src.sizes(), " (dim 0 is the batch)");
+  return d;
+}
+
+inline void check_out(const at::Tensor& out, const char* name, at::IntArrayRef sizes,
+                      at::ScalarType dtype, const at::Tensor& src) {
+  TORCH_CHECK_VALUE(out.sizes() == sizes, name, " must have shape ", sizes, ", got ", out.sizes());
+  TORCH_CHECK_VALUE(out.scalar_type() == dtype, name, " must be ", dtype, ", got ",
+                    out.scalar_type());
+  TORCH_CHECK_VALUE(out.device() == src.device(), name, " must be on ", src.device(), " like src, got ",
+                    out.device());
+  TORCH_CHECK_VALUE(out.is_contiguous(), name, " must be contiguous");
+}
+
+// The dims a channel reduction runs over (every dim but 0 and the channel), with unit
+// dims dropped and neighbours merged where their strides allow: NCHW gives one dim of
+// stride 1, NHWC one of stride C. Fewer dims means simpler inner loops.
+struct ReducedDims {
+  std::vector<int64_t> sizes;
+  std::vector<int64_t> strides;
+  int64_t numel = 1;
+};
+
+inline ReducedDims reduced_dims(const at::Tensor& src, int64_t channel) {
+  ReducedDims r;
+  for (int64_t d = 1; d < src.dim(); ++d) {
+    if (d == channel) continue;
+    r.numel *= src.size(d);
+    if (src.size(d) == 1) continue;
+    if (!r.sizes.empty() && r.strides.back() == src.stride(d) * src.size(d)) {
+      r.sizes.back() *= src.size(d);
+      r.strides.back() = src.stride(d);
+    } else {
+      r.sizes.push_back(src.size(d));
+      r.strides.push_back(src.stride(d));
+    }
+  }
+  return r;
+}
+
+// Shape of top-k's outputs: the input's, with the channel dim replaced by k.
+inline std::vector<int64_t> topk_shape(const at::Tensor& src, int64_t channel, int64_t k) {
+  std::vector<int64_t> shape(src.sizes().begin(), src.sizes().end());
+  shape[channel] = k;
+  return shape;
+}
+
+inline void check_topk_args(const at::Tensor& src, int64_t channel, int64_t k) {
+  TORCH_CHECK_VALUE(k >= 1 && k <= src.size(channel), "k=", k, " is out of range [1, ",
+                    src.size(channel), "] for channel dim ", channel, " of shape ", src.sizes());
+}
+
+}  // namespace fastcap

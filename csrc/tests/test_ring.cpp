@@ -1,0 +1,144 @@
+// C++ tests of the ring (run by ctest): wraparound, backpressure, resize, close.
+#include "ring.h"
+
+#include <chrono>
+#include <cstdio>
+#include <cstring>
+#include <functional>
+#include <string>
+#include <thread>
+#include <vector>
+
+namespace {
+
+int failures = 0;
+
+#define EXPECT(cond)                                                          \
+  do {                                                                        \
+    if (!(cond)) {                                                            \
+      std::fprintf(stderr, "%s:%d: expected %s\n", __FILE__, __LINE__, #cond); \
+      ++failures;                                                             \
+    }                                                                         \
+  } while (0)
+
+void wraparound() {
+  fastcap::Ring ring(3, /*pinned=*/false);
+  std::vector<int64_t> order;
+  for (int step = 0; step < 10; ++step) {
+    int64_t slot = ring.acquire(16, 0.0);
+    EXPECT(slot >= 0);
+    order.push_back(slot);
+    at::Tensor host = ring.host(slot);
+    std::memset(host.data_ptr(), step, 16);
+    ring.commit(slot, 16, /*from_staging=*/false);
+    ring.wait(slot);
+    EXPECT(host.data_ptr<uint8_t>()[15] == step);
+    ring.release(slot);
+  }
+  // Slots are reused in turn: 0 1 2 0 1 2 ...
+  for (size_t i = 0; i < order.size(); ++i) EXPECT(order[i] == static_cast<int64_t>(i % 3));
+  const auto s = ring.stats();
+  EXPECT(s.commits == 10);
+  EXPECT(s.bytes_captured == 160);
+  EXPECT(s.resizes == 0);
+}
+
+void full_ring_times_out_then_frees() {
+  fastcap::Ring ring(2, false);
+  int64_t a = ring.acquire(8, 0.0), b = ring.acquire(8, 0.0);
+  EXPECT(a >= 0 && b >= 0 && a != b);
+  EXPECT(ring.acquire(8, 0.0) == -1);   // no slot, no wait
+  EXPECT(ring.acquire(8, 0.05) == -1);  // no slot after waiting
+  EXPECT(ring.stats().stall_seconds >= 0.04);
+  ring.commit(a, 8, false);
+  ring.release(a);
+  EXPECT(ring.acquire(8, 0.0) == a);
+}
+
+void backpressure_waits_for_consumer() {
+  fastcap::Ring ring(2, false);
+  int64_t a = ring.acquire(8, 0.0), b = ring.acquire(8, 0.0);
+  ring.commit(a, 8, false);
+  ring.commit(b, 8, false);
+  std::thread consumer([&] {
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    ring.wait(a);
+    ring.release(a);
+  });
+  auto start = std::chrono::steady_clock::now();
+  int64_t c = ring.acquire(8, -1.0);  // blocks until the consumer releases a
+  double waited = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  consumer.join();
+  EXPECT(c == a);
+  EXPECT(waited >= 0.09);
+  EXPECT(ring.stats().stall_seconds >= 0.09);
+}
+
+void resize_grows_instead_of_overrunning() {
+  fastcap::Ring ring(2, false);
+  int64_t a = ring.acquire(100, 0.0);
+  EXPECT(ring.stats().slot_bytes == 100);
+  at::Tensor old_view = ring.host(a);
+  std::memset(old_view.data_ptr(), 7, 100);
+  ring.commit(a, 100, false);
+  ring.release(a);
+  int64_t b = ring.acquire(1000, 0.0);  // the other slot, grown
+  EXPECT(ring.host(b).numel() >= 1000);
+  ring.commit(b, 1000, false);
+  ring.release(b);
+  int64_t c = ring.acquire(1000, 0.0);  // slot a, grown too
+  EXPECT(c == a);
+  EXPECT(ring.host(c).numel() >= 1000);
+  EXPECT(ring.stats().resizes == 2);
+  // The view taken before the resize still owns its (old) memory.
+  EXPECT(old_view.data_ptr<uint8_t>()[99] == 7);
+  bool threw = false;
+  try {
+    ring.commit(c, 5000, false);  // more than the slot holds
+  } catch (const c10::Error&) {
+    threw = true;
+  }
+  EXPECT(threw);
+}
+
+void close_frees_and_wakes() {
+  const int64_t before = fastcap::live_host_bytes();
+  {
+    fastcap::Ring ring(2, false);
+    ring.acquire(4096, 0.0);
+    ring.acquire(4096, 0.0);
+    EXPECT(fastcap::live_host_bytes() - before >= 8192);
+    bool threw = false;
+    std::thread closer([&] {
+      std::this_thread::sleep_for(std::chrono::milliseconds(50));
+      ring.close();
+    });
+    try {
+      ring.acquire(4096, -1.0);  // would wait for ever: close() must wake it
+    } catch (const c10::Error&) {
+      threw = true;
+    }
+    closer.join();
+    EXPECT(threw);
+    EXPECT(fastcap::live_host_bytes() == before);
+  }
+  EXPECT(fastcap::live_host_bytes() == before);
+}
+
+}  // namespace
+
+int main() {
+  const std::vector<std::pair<std::string, std::function<void()>>> tests = {
+      {"wraparound", wraparound},
+      {"full_ring_times_out_then_frees", full_ring_times_out_then_frees},
+      {"backpressure_waits_for_consumer", backpressure_waits_for_consumer},
+      {"resize_grows_instead_of_overrunning", resize_grows_instead_of_overrunning},
+      {"close_frees_and_wakes", close_frees_and_wakes},
+  };
+  for (const auto& [name, fn] : tests) {
+    const int before = failures;
+    fn();
+    std::printf("%s %s\n", failures == before ? "PASS" : "FAIL", name.c_str());
+  }
+  return failures == 0 ? 0 : 1;
+}

@@ -1,0 +1,19 @@
+"""fastcap: memory-efficient activation capture for PyTorch.
+
+Forward hooks hand each activation to compiled ops (``fastcap._C``) that copy or reduce it
+(full, per-channel mean, top-k) into preallocated host ring buffers - pinned, and filled
+by side-stream copies, on CUDA.
+
+    with fastcap.capture(model, ["layer3", "layer4"], reduce="mean") as cap:
+        for x, _ in loader:
+            model(x)
+    feats = cap.result()
+
+Everything a user calls is here: :func:`capture`, :class:`TopK`, :func:`extract`, :func:`open`.
+"""
+from fastcap._ext import BUILT_WITH_CUDA
+from fastcap.capture import Capture, TopK, capture
+
+__version__ = "0.1.0"
+
+__all__ = ["capture", "Capture", "TopK", "BUILT_WITH_CUDA", "__version__"]

@@ -1,0 +1,43 @@
+"""Loads fastcap's compiled core and checks it matches the torch it runs with."""
+from __future__ import annotations
+
+import torch
+
+try:
+    from fastcap import _C
+except ImportError as exc:  # pragma: no cover - only without a build
+    raise ImportError(
+        "fastcap's compiled extension fastcap._C is missing or failed to load "
+        f"({exc}). Build it with `pip install --no-build-isolation -e .` (torch must be "
+        "installed first), or run `make test`, which sets everything up."
+    ) from exc
+
+
+def _check_torch_version() -> None:
+    built = _C.torch_version()
+    running = torch.__version__.split("+")[0]
+    if built.split("+")[0] != running:
+        raise ImportError(
+            f"fastcap._C was built against torch {built} but torch {torch.__version__} is "
+            "running; rebuild it with `pip install --no-build-isolation -e .`.")
+
+
+_check_torch_version()
+
+#: Whether the CUDA kernels, side-stream copies and pinned rings were compiled in.
+BUILT_WITH_CUDA: bool = _C.built_with_cuda()
+
+
+def cuda_ready() -> bool:
+    """CUDA kernels compiled in and a CUDA device visible."""
+    return BUILT_WITH_CUDA and torch.cuda.is_available()
+
+
+def live_host_bytes() -> int:
+    """Host bytes held by fastcap's rings right now (pinned or not)."""
+    return _C.live_host_bytes()
+
+
+def live_pinned_bytes() -> int:
+    """Pinned host bytes held by fastcap's rings right now."""
+    return _C.live_pinned_bytes()

@@ -1,0 +1,60 @@
+"""Builds fastcap and its compiled core, fastcap._C.
+
+A CUDAExtension when nvcc and a CUDA build of torch are present (the CUDA sources then
+compile even on a machine with no GPU), a CppExtension otherwise. Environment:
+  FASTCAP_CPU_ONLY=1   build the CPU kernels only
+  DEBUG=1              -O0 -g
+  MAX_JOBS, TORCH_CUDA_ARCH_LIST   as for any torch extension (arch default here: 9.0)
+"""
+import glob
+import os
+
+# torch guesses CUDA_HOME=/usr/local when no GPU is visible, and the link then fails on
+# -lcudart; point it at the toolkit before cpp_extension reads it.
+if "CUDA_HOME" not in os.environ and os.path.exists("/usr/local/cuda/bin/nvcc"):
+    os.environ["CUDA_HOME"] = "/usr/local/cuda"
+
+import torch  # noqa: E402
+from setuptools import find_packages, setup  # noqa: E402
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _use_cuda() -> bool:
+    if os.environ.get("FASTCAP_CPU_ONLY", "0") == "1":
+        return False
+    return torch.version.cuda is not None and CUDA_HOME is not None and os.path.exists(
+        os.path.join(CUDA_HOME, "bin", "nvcc"))
+
+
+def _extension():
+    debug = os.environ.get("DEBUG", "0") == "1"
+    use_cuda = _use_cuda()
+    sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
+    opt = ["-O0", "-g"] if debug else ["-O3"]
+    extra = {"cxx": opt + ["-fdiagnostics-color=always"]}
+    macros = []
+    if use_cuda:
+        sources += sorted(glob.glob("csrc/cuda/*.cu"))
+        extra["nvcc"] = opt + ["--expt-relaxed-constexpr"]
+        macros.append(("FASTCAP_WITH_CUDA", None))
+        if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
+            # No GPU to ask: build for Hopper (the H100 we test on) instead of every arch.
+            os.environ["TORCH_CUDA_ARCH_LIST"] = "9.0"
+    ext = CUDAExtension if use_cuda else CppExtension
+    return ext("fastcap._C", sources, define_macros=macros, extra_compile_args=extra,
+               include_dirs=[os.path.join(HERE, "csrc")])
+
+
+setup(
+    name="fastcap",
+    version="0.1.0",
+    description="Memory-efficient activation capture for PyTorch: compiled hooks into pinned ring buffers.",
+    packages=find_packages(include=["fastcap", "fastcap.*"]),
+    python_requires=">=3.10",
+    install_requires=["torch", "numpy", "tqdm", "psutil"],
+    ext_modules=[_extension()],
+    cmdclass={"build_ext": BuildExtension},
+    entry_points={"console_scripts": ["fastcap=fastcap.__main__:main"]},
+)
