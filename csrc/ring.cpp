@@ -143,15 +143,18 @@ at::Tensor Ring::staging(int64_t slot, const at::Device& device) {
 #ifdef FASTCAP_WITH_CUDA
   TORCH_CHECK_VALUE(device.is_cuda(), "fastcap ring: staging() needs a CUDA device, got ", device);
   std::lock_guard<std::mutex> lock(mutex_);
-  Slot& s = slot_locked(slot, "staging");
-  if (!s.staging.defined() || s.staging.device() != device ||
-      s.staging.numel() < s.capacity) {
-    // Allocated once per slot (and per device), from the caching allocator, so it shows
-    // in torch.cuda.memory_allocated() and is returned when the ring closes.
-    s.staging = at::empty({std::max<int64_t>(s.capacity, 1)},
-                          at::TensorOptions().dtype(at::kByte).device(device));
+  slot_locked(slot, "staging");
+  // The first CUDA capture preallocates every slot's staging buffer (re-made only when a
+  // slot grew or the device changed), from the caching allocator, so it shows in
+  // torch.cuda.memory_allocated() and is returned when the ring closes.
+  for (auto& s : slots_) {
+    if (s.host && (!s.staging.defined() || s.staging.device() != device ||
+                   s.staging.numel() < s.capacity)) {
+      s.staging = at::empty({std::max<int64_t>(s.capacity, 1)},
+                            at::TensorOptions().dtype(at::kByte).device(device));
+    }
   }
-  return s.staging;
+  return slots_[slot].staging;
 #else
   (void)slot;
   TORCH_CHECK(false, "fastcap was built without CUDA: cannot stage on ", device);
