@@ -33,7 +33,7 @@ def _extension():
     use_cuda = _use_cuda()
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
     opt = ["-O0", "-g"] if debug else ["-O3"]
-    extra = {"cxx": opt + ["-fdiagnostics-color=always"]}
+    extra = {"cxx": opt + ["-fvisibility=hidden"]}  # pybind11 modules hide their symbols
     macros = []
     if use_cuda:
         sources += sorted(glob.glob("csrc/cuda/*.cu"))

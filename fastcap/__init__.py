@@ -13,7 +13,9 @@ Everything a user calls is here: :func:`capture`, :class:`TopK`, :func:`extract`
 """
 from fastcap._ext import BUILT_WITH_CUDA
 from fastcap.capture import Capture, TopK, capture
+from fastcap.extract import LayerArray, Store, extract, open  # noqa: A004 (fastcap.open, like np.load)
 
 __version__ = "0.1.0"
 
-__all__ = ["capture", "Capture", "TopK", "BUILT_WITH_CUDA", "__version__"]
+__all__ = ["capture", "Capture", "TopK", "extract", "open", "Store", "LayerArray", "BUILT_WITH_CUDA",
+           "__version__"]

@@ -75,14 +75,20 @@ class _Layer:
 class _Item:
     """One captured activation: in a ring slot until materialized, then host tensors."""
 
-    __slots__ = ("ring", "slot", "parts", "mode", "value")
+    __slots__ = ("ring", "slot", "parts", "mode", "value", "_lock")
 
     def __init__(self, ring, slot: int, parts: List[_Part], mode: str):
         self.ring, self.slot, self.parts, self.mode = ring, slot, parts, mode
         self.value: Optional[Captured] = None
+        # close() (forward thread) and drain() (a consumer thread) may both reach here.
+        self._lock = threading.Lock()
 
     def materialize(self) -> Captured:
-        """Waits for the slot's bytes, copies them out, and frees the slot."""
+        """Waits for the slot's bytes, copies them out, and frees the slot (once)."""
+        with self._lock:
+            return self._materialize_locked()
+
+    def _materialize_locked(self) -> Captured:
         if self.value is None:
             self.ring.wait(self.slot)
             host = self.ring.host(self.slot)

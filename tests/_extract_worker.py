@@ -1,0 +1,82 @@
+"""Runs fastcap.extract in its own process, for tests/test_extract.py.
+
+    python tests/_extract_worker.py OUT [--samples 200] [--kill-at 150] [--report r.json]
+    python -m torch.distributed.run --nproc_per_node=2 tests/_extract_worker.py OUT ...
+
+The model and the data are deterministic (seeded), so any two runs capture the same values.
+``--kill-at I`` SIGKILLs the process when the dataset is asked for item I: a crash at an
+arbitrary point of the run, the writer thread possibly in the middle of a shard.
+``--report`` writes {"forwards": batches the model ran, "rank": r} (one file per rank).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+LAYERS = ["0", "3"]
+REDUCE = {"0": "full", "3": "mean"}
+
+
+def tiny_model() -> torch.nn.Module:
+    """A small conv net with the same weights in every process (also a --model factory)."""
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(1234)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+        torch.nn.Conv2d(8, 16, 3, stride=2, padding=1), torch.nn.ReLU(),
+        torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(16, 10),
+    ).eval()
+    torch.random.set_rng_state(generator_state)
+    return model
+
+
+class Images(Dataset):
+    """``count`` images of 3x8x8, item i drawn from a generator seeded with i."""
+
+    def __init__(self, count: int, kill_at: int | None = None):
+        self.count = count
+        self.kill_at = kill_at
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, index: int):
+        if index == self.kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+        generator = torch.Generator().manual_seed(index)
+        return torch.randn(3, 8, 8, generator=generator), index
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("out")
+    parser.add_argument("--samples", type=int, default=200)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--shard-size", type=int, default=16)
+    parser.add_argument("--kill-at", type=int)
+    parser.add_argument("--report")
+    args = parser.parse_args(argv)
+
+    import fastcap
+
+    torch.set_num_threads(1)
+    model = tiny_model()
+    forwards = []
+    model.register_forward_pre_hook(lambda module, inputs: forwards.append(1))
+    loader = DataLoader(Images(args.samples, args.kill_at), batch_size=args.batch_size)
+    fastcap.extract(model, loader, LAYERS, REDUCE, out=args.out, shard_size=args.shard_size)
+    if args.report:
+        rank = int(os.environ.get("RANK", "0"))
+        with open(f"{args.report}.{rank}", "w") as file:
+            json.dump({"forwards": len(forwards), "rank": rank}, file)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
