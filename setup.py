@@ -33,7 +33,9 @@ def _extension():
     use_cuda = _use_cuda()
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
     opt = ["-O0", "-g"] if debug else ["-O3"]
-    extra = {"cxx": opt + ["-fvisibility=hidden"]}  # pybind11 modules hide their symbols
+    # -fopenmp: at::parallel_for is inline and runs serially in code built without it.
+    # -fvisibility=hidden: pybind11 modules hide their symbols.
+    extra = {"cxx": opt + ["-fopenmp", "-fvisibility=hidden"]}
     macros = []
     if use_cuda:
         sources += sorted(glob.glob("csrc/cuda/*.cu"))
@@ -44,7 +46,7 @@ def _extension():
             os.environ["TORCH_CUDA_ARCH_LIST"] = "9.0"
     ext = CUDAExtension if use_cuda else CppExtension
     return ext("fastcap._C", sources, define_macros=macros, extra_compile_args=extra,
-               include_dirs=[os.path.join(HERE, "csrc")])
+               extra_link_args=["-fopenmp"], include_dirs=[os.path.join(HERE, "csrc")])
 
 
 setup(

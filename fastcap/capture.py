@@ -325,9 +325,12 @@ class Capture:
         ring = self._rings.get(key)
         if ring is None:
             ring = self._rings[key] = _ext._C.Ring(self._depth, self._pinned)
+        on_device = x.is_cuda
+        if on_device and not self._pinned:
+            raise RuntimeError(f"layer {key!r}: its output is on {x.device}, but fastcap was built without "
+                               "CUDA; rebuild it where nvcc is found (pip install --no-build-isolation -e .)")
         nbytes = parts[-1].offset + parts[-1].nbytes
         slot = self._acquire(ring, nbytes)
-        on_device = x.is_cuda
         try:
             buf = ring.staging(slot, x.device) if on_device else ring.host(slot)
             dst = [p.view(buf) for p in parts]

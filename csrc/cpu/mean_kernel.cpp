@@ -13,6 +13,9 @@
 namespace fastcap {
 namespace {
 
+// Rows up to this long are summed several at a time (mean_short_rows).
+constexpr int64_t kShortRow = 32;
+
 template <typename scalar_t>
 using acc_type_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
 
@@ -57,12 +60,12 @@ struct CompensatedSum {
   }
 };
 
-// Sum of len elements at a fixed stride, in blocks: within a block independent lane
-// accumulators (so the compiler vectorises the stride-1 loop), across blocks a
-// compensated sum.
+// Sum of len elements at a fixed stride, in blocks: within a block, independent lane
+// accumulators (the compiler vectorises the stride-1 loop) folded as a tree; across
+// blocks, a compensated sum.
 template <typename scalar_t, typename acc_t>
 void strided_sum(const scalar_t* x, int64_t len, int64_t stride, CompensatedSum<acc_t>& total) {
-  constexpr int64_t kLanes = 16, kBlock = 1024;
+  constexpr int64_t kLanes = 8, kBlock = 1024;
   for (int64_t start = 0; start < len; start += kBlock) {
     const int64_t n = std::min(kBlock, len - start);
     const scalar_t* p = x + start * stride;
@@ -77,10 +80,11 @@ void strided_sum(const scalar_t* x, int64_t len, int64_t stride, CompensatedSum<
         for (int64_t l = 0; l < kLanes; ++l) lanes[l] += static_cast<acc_t>(p[(i + l) * stride]);
       }
     }
-    acc_t block = 0;
-    for (; i < n; ++i) block += static_cast<acc_t>(p[i * stride]);
-    for (int64_t l = 0; l < kLanes; ++l) block += lanes[l];
-    total.add(block);
+    for (int64_t l = 0; i < n; ++i, ++l) lanes[l] += static_cast<acc_t>(p[i * stride]);
+    for (int64_t width = kLanes / 2; width > 0; width /= 2) {
+      for (int64_t l = 0; l < width; ++l) lanes[l] += lanes[l + width];
+    }
+    total.add(lanes[0]);
   }
 }
 
@@ -121,6 +125,35 @@ void mean_channels_inner(const at::Tensor& src, int64_t channel, const ReducedDi
   });
 }
 
+// NCHW with few elements per channel (7x7, 5x5, ...): a single horizontal sum per row
+// would cost more than the row. Instead kRows rows advance together, each with its own
+// accumulator: independent additions the CPU overlaps.
+template <typename scalar_t>
+void mean_short_rows(const at::Tensor& src, int64_t channel, int64_t len, float* out) {
+  using acc_t = acc_type_t<scalar_t>;
+  constexpr int64_t kRows = 8;
+  const int64_t N = src.size(0), C = src.size(channel);
+  const int64_t sN = src.stride(0), sC = src.stride(channel);
+  const auto* x = src.const_data_ptr<scalar_t>();
+  const int64_t groups = (N * C + kRows - 1) / kRows;
+  const int64_t grain = std::max<int64_t>(1, 4096 / (kRows * std::max<int64_t>(1, len)));
+  at::parallel_for(0, groups, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t g = begin; g < end; ++g) {
+      const int64_t first = g * kRows, rows = std::min(kRows, N * C - first);
+      const scalar_t* row[kRows];
+      acc_t acc[kRows] = {};
+      for (int64_t r = 0; r < kRows; ++r) {
+        const int64_t i = first + std::min(r, rows - 1);  // a short last group repeats its last row
+        row[r] = x + (i / C) * sN + (i % C) * sC;
+      }
+      for (int64_t j = 0; j < len; ++j) {
+        for (int64_t r = 0; r < kRows; ++r) acc[r] += static_cast<acc_t>(row[r][j]);
+      }
+      for (int64_t r = 0; r < rows; ++r) out[first + r] = static_cast<float>(acc[r] / static_cast<acc_t>(len));
+    }
+  });
+}
+
 // Any other layout (NCHW, sliced views): one reduction per (n, c), over runs of the
 // innermost reduced dim.
 template <typename scalar_t>
@@ -157,6 +190,8 @@ void mean_into_cpu(const at::Tensor& src, int64_t channel_dim, const at::Tensor&
   AT_DISPATCH_ALL_TYPES_AND2(at::kHalf, at::kBFloat16, src.scalar_type(), "fastcap_mean_into_cpu", [&] {
     if (channels_inner) {
       mean_channels_inner<scalar_t>(src, channel, r, out);
+    } else if (r.sizes.size() == 1 && r.strides[0] == 1 && r.numel <= kShortRow) {
+      mean_short_rows<scalar_t>(src, channel, r.numel, out);
     } else {
       mean_channels_outer<scalar_t>(src, channel, r, out);
     }
