@@ -58,8 +58,11 @@ demo: $(VENV)/.built
 	@echo "features written to feats/; open them with:"
 	@echo "  import fastcap; store = fastcap.open('feats/'); print(store['layer4'].shape)"
 
+BENCH_DATE := $(shell date -u +%Y%m%d)
 bench: $(VENV)/.built
-	$(PY) -m pytest benchmarks -q
+	$(PY) -m pytest benchmarks -q --benchmark-json=benchmarks/results/cpu-$(BENCH_DATE).json
+	$(PY) benchmarks/summarize.py benchmarks/results/cpu-$(BENCH_DATE).json
+	$(PY) benchmarks/profile_hooks.py --out benchmarks/results/cpu-$(BENCH_DATE)-hooks.md
 
 clean:
 	rm -rf build build-cmake build-cmake.log *.egg-info fastcap/_C*.so $(VENV)/.built

@@ -43,7 +43,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("torch_version", [] { return std::string(TORCH_VERSION); },
         "The torch version this extension was compiled against.");
   m.def("live_host_bytes", &fastcap::live_host_bytes,
-        "Host bytes held by every ring (pinned or not), views included.");
+        "Host bytes held for every ring (pinned or not), views of slots included.");
   m.def("live_pinned_bytes", &fastcap::live_pinned_bytes,
         "Pinned host bytes held by every ring, views included.");
 
@@ -57,6 +57,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("commit", &Ring::commit, py::arg("slot"), py::arg("nbytes"), py::arg("from_staging"))
       .def("wait", &Ring::wait, py::arg("slot"), py::call_guard<py::gil_scoped_release>())
       .def("release", &Ring::release, py::arg("slot"), py::call_guard<py::gil_scoped_release>())
+      .def("take", &Ring::take, py::arg("slot"), py::call_guard<py::gil_scoped_release>())
+      .def_property_readonly("pinned", &Ring::pinned)
       .def("close", &Ring::close, py::call_guard<py::gil_scoped_release>())
       .def_property_readonly("depth", &Ring::depth)
       .def("free_slots", &Ring::free_slots)

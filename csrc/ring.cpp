@@ -49,6 +49,13 @@ HostBuffer::HostBuffer(int64_t n, bool use_pinned)
   if (pinned) g_pinned_bytes += bytes;
 }
 
+void HostBuffer::hand_over() {
+  if (!counted) return;
+  counted = false;
+  g_host_bytes -= bytes;
+  if (pinned) g_pinned_bytes -= bytes;
+}
+
 HostBuffer::~HostBuffer() {
 #ifdef FASTCAP_WITH_CUDA
   if (pinned) {
@@ -57,8 +64,7 @@ HostBuffer::~HostBuffer() {
   }
 #endif
   if (!pinned) std::free(data);
-  g_host_bytes -= bytes;
-  if (pinned) g_pinned_bytes -= bytes;
+  hand_over();  // stop counting, if still counted
 }
 
 Ring::Ring(int64_t depth, bool pinned) : pinned_(pinned) {
@@ -117,7 +123,10 @@ int64_t Ring::acquire(int64_t nbytes, double timeout_s) {
   if (idx < 0) return -1;
 
   Slot& s = slots_[idx];
-  if (s.capacity < nbytes) {
+  if (!s.host) {
+    // The slot's last buffer was handed over by take(): a new one, as large as before.
+    allocate_locked(s, std::max(nbytes, s.capacity));
+  } else if (s.capacity < nbytes) {
     // A later batch is larger than the first: grow this slot (with headroom, so a
     // slowly growing batch does not re-allocate every step) rather than overrun it.
     allocate_locked(s, std::max(nbytes, s.capacity + s.capacity / 4));
@@ -148,8 +157,9 @@ at::Tensor Ring::staging(int64_t slot, const at::Device& device) {
   // slot grew or the device changed), from the caching allocator, so it shows in
   // torch.cuda.memory_allocated() and is returned when the ring closes.
   for (auto& s : slots_) {
-    if (s.host && (!s.staging.defined() || s.staging.device() != device ||
-                   s.staging.numel() < s.capacity)) {
+    // A committed slot's staging may still be read by its copy: never swap it then.
+    if (s.host && s.state != State::kCommitted &&
+        (!s.staging.defined() || s.staging.device() != device || s.staging.numel() < s.capacity)) {
       s.staging = at::empty({std::max<int64_t>(s.capacity, 1)},
                             at::TensorOptions().dtype(at::kByte).device(device));
     }
@@ -245,6 +255,24 @@ void Ring::release(int64_t slot) {
   s.nbytes = 0;
   lock.unlock();
   freed_.notify_all();
+}
+
+at::Tensor Ring::take(int64_t slot) {
+  std::unique_lock<std::mutex> lock(mutex_);
+  Slot& s = slot_locked(slot, "take");
+  TORCH_CHECK(!pinned_, "fastcap ring: take() is for plain rings; a pinned slot is copied out");
+  TORCH_CHECK(s.state == State::kCommitted, "fastcap ring: take(): slot ", slot, " was not committed");
+  wait_copy_locked(s, lock);
+  std::shared_ptr<HostBuffer> owner = std::move(s.host);
+  owner->hand_over();
+  const int64_t capacity = s.capacity;
+  s.state = State::kFree;
+  s.nbytes = 0;
+  lock.unlock();
+  freed_.notify_all();
+  return at::from_blob(
+      owner->data, {capacity}, [owner](void*) mutable { owner.reset(); },
+      at::TensorOptions().dtype(at::kByte).device(at::kCPU));
 }
 
 void Ring::close() {

@@ -29,8 +29,9 @@
 
 namespace fastcap {
 
-// Bytes of host memory fastcap holds right now, over every ring (pinned and plain).
-// A buffer is counted until its last view is gone, so a leak shows up here.
+// Bytes of host memory held for rings right now (pinned and plain): a ring's slots, and
+// views of them still alive. A buffer handed over by take() is the user's, and no longer
+// counted. A leak shows up here.
 int64_t live_host_bytes();
 int64_t live_pinned_bytes();
 
@@ -42,9 +43,13 @@ struct HostBuffer {
   HostBuffer(const HostBuffer&) = delete;
   HostBuffer& operator=(const HostBuffer&) = delete;
 
+  // Stops counting this buffer as ring memory: it now belongs to a result tensor.
+  void hand_over();
+
   void* data = nullptr;
   int64_t bytes = 0;
   bool pinned = false;
+  bool counted = true;
 };
 
 struct RingStats {
@@ -91,11 +96,18 @@ class Ring {
   // Returns a slot to the free list: its memory may be overwritten from now on.
   void release(int64_t slot);
 
+  // Waits for a committed slot like wait(), then hands its host memory over as a uint8
+  // tensor [capacity] and frees the slot, which gets a new buffer at its next acquire.
+  // The consumer reads the bytes where the op wrote them: no copy out. Plain (not
+  // pinned) rings only: a pinned buffer is too costly to re-allocate per step.
+  at::Tensor take(int64_t slot);
+
   // Waits for in-flight copies, frees every buffer the ring owns and wakes any waiter.
   // Views handed out earlier stay valid (they own their memory). Idempotent.
   void close();
 
   int64_t depth() const { return static_cast<int64_t>(slots_.size()); }
+  bool pinned() const { return pinned_; }
   int64_t free_slots() const;
   RingStats stats() const;
 

@@ -46,16 +46,17 @@ class _Part:
     shape: Tuple[int, ...]
     strides: Tuple[int, ...]
     dtype: torch.dtype
+    nbytes: int
 
-    @property
-    def nbytes(self) -> int:
+    @classmethod
+    def make(cls, offset: int, shape: Tuple[int, ...], strides: Tuple[int, ...], dtype: torch.dtype) -> "_Part":
         n = 1
-        for s in self.shape:
+        for s in shape:
             n *= s
-        return n * self.dtype.itemsize
+        return cls(offset, shape, strides, dtype, n * dtype.itemsize)
 
     def view(self, buf: torch.Tensor) -> torch.Tensor:
-        raw = buf[self.offset:self.offset + self.nbytes]
+        raw = buf.narrow(0, self.offset, self.nbytes)
         return raw.view(self.dtype).as_strided(self.shape, self.strides)
 
 
@@ -90,12 +91,19 @@ class _Item:
 
     def _materialize_locked(self) -> Captured:
         if self.value is None:
-            self.ring.wait(self.slot)
-            host = self.ring.host(self.slot)
-            # clone() keeps a dense layout (channels_last stays channels_last).
-            tensors = [p.view(host).clone() for p in self.parts]
-            del host
-            self.ring.release(self.slot)
+            if self.ring.pinned:
+                # Pinned memory is precious and stays in the ring: copy the bytes out.
+                # clone() keeps a dense layout (channels_last stays channels_last).
+                self.ring.wait(self.slot)
+                host = self.ring.host(self.slot)
+                tensors = [p.view(host).clone() for p in self.parts]
+                del host
+                self.ring.release(self.slot)
+            else:
+                # Plain memory: the slot's buffer itself becomes the result (no second
+                # copy); the slot gets a new buffer at its next acquire.
+                host = self.ring.take(self.slot)
+                tensors = [p.view(host) for p in self.parts]
             self.ring = None
             self.value = TopK(*tensors) if self.mode == "topk" else tensors[0]
         return self.value
@@ -107,7 +115,6 @@ class _Step:
 
     items: Dict[str, _Item] = field(default_factory=dict)
     calls: Dict[str, int] = field(default_factory=dict)
-    finished: bool = False
     implicit: bool = False  # opened by a hook outside a call of the model itself
 
 
@@ -164,6 +171,7 @@ class Capture:
         self._backpressure = backpressure
         self._handles: List[Any] = []
         self._rings: Dict[str, Any] = {}
+        self._plans: Dict[tuple, List[_Part]] = {}
         self._pinned = _ext.cuda_ready()
         self._lock = threading.Lock()
         self._steps: Deque[_Step] = deque()
@@ -238,7 +246,6 @@ class Capture:
 
     def _finish_open(self) -> None:
         if self._open is not None:
-            self._open.finished = True
             self._steps.append(self._open)
             self._steps_finished += 1
             self._open = None
@@ -258,7 +265,11 @@ class Capture:
         key = layer.key if n == 0 else f"{layer.key}#{n}"
         try:
             x = self._select(layer, output)
-            parts = self._plan_parts(layer, x)
+            # Activations keep their shape from step to step: plan (and validate) once.
+            signature = (layer.key, x.shape, x.stride(), x.dtype)
+            parts = self._plans.get(signature)
+            if parts is None:
+                parts = self._plans[signature] = self._plan_parts(layer, x)
             step.items[key] = self._capture(key, layer, x.detach(), parts)
         except BaseException:
             # Nothing stays behind after an error: hooks off, buffers freed (what was
@@ -316,7 +327,7 @@ class Capture:
                 outs = [(kshape, None, x.dtype), (kshape, None, torch.int64)]
         parts, offset = [], 0
         for shp, strides, dtype in outs:
-            part = _Part(offset, shp, strides or _contiguous_strides(shp), dtype)
+            part = _Part.make(offset, shp, strides or _contiguous_strides(shp), dtype)
             parts.append(part)
             offset += (part.nbytes + _ALIGN - 1) // _ALIGN * _ALIGN
         return parts

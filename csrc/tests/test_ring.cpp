@@ -125,6 +125,23 @@ void close_frees_and_wakes() {
   EXPECT(fastcap::live_host_bytes() == before);
 }
 
+void take_hands_the_buffer_over() {
+  const int64_t before = fastcap::live_host_bytes();
+  fastcap::Ring ring(1, false);
+  int64_t a = ring.acquire(256, 0.0);
+  std::memset(ring.host(a).data_ptr(), 3, 256);
+  ring.commit(a, 256, false);
+  at::Tensor taken = ring.take(a);  // the slot is free again, its bytes are ours
+  EXPECT(ring.free_slots() == 1);
+  EXPECT(taken.numel() == 256 && taken.data_ptr<uint8_t>()[255] == 3);
+  EXPECT(fastcap::live_host_bytes() == before);  // handed over: not ring memory any more
+  int64_t b = ring.acquire(128, 0.0);               // a fresh buffer, as large as before
+  EXPECT(b == a && ring.host(b).numel() == 256);
+  std::memset(ring.host(b).data_ptr(), 9, 256);
+  EXPECT(taken.data_ptr<uint8_t>()[0] == 3);        // the taken bytes are untouched
+  EXPECT(ring.stats().resizes == 0);
+}
+
 }  // namespace
 
 int main() {
@@ -134,6 +151,7 @@ int main() {
       {"backpressure_waits_for_consumer", backpressure_waits_for_consumer},
       {"resize_grows_instead_of_overrunning", resize_grows_instead_of_overrunning},
       {"close_frees_and_wakes", close_frees_and_wakes},
+      {"take_hands_the_buffer_over", take_hands_the_buffer_over},
   };
   for (const auto& [name, fn] : tests) {
     const int before = failures;
