@@ -24,6 +24,7 @@ which a later in-place op (``ReLU(inplace=True)``) would overwrite.
 
 from __future__ import annotations
 
+import abc
 import argparse
 import dataclasses
 import datetime
@@ -227,7 +228,7 @@ class NoCapture(Method):
     name = "none"
 
 
-class _HookMethod(Method):
+class _HookMethod(Method, abc.ABC):
     """A pure-Python forward hook on every captured layer; subclasses say how to keep a value."""
 
     def open(self, model):
@@ -249,9 +250,9 @@ class _HookMethod(Method):
         x = first_tensor(output).detach()
         self._step[name] = self.keep(x, reduce_torch(x, self.spec.reduce, self.spec.k, self.spec.channel_dim))
 
+    @abc.abstractmethod
     def keep(self, x: torch.Tensor, reduced: Any) -> Any:
         """Turn the hook's activation (and its torch reduction) into the value kept."""
-        raise NotImplementedError
 
     def forward(self, x):
         self._step = {}
