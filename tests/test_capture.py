@@ -377,3 +377,19 @@ def test_training_mode_with_grad():
     assert not got["0"].requires_grad
     assert torch.equal(got["0"], model[0](x).detach())
     assert hook_count(model) == 0
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_allocator_reuse_right_after_the_hook(device):
+    # The activation is freed as soon as the next layer has run and its memory is handed
+    # out again and overwritten; what was captured must not change.
+    model = nn.Sequential(nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 64)).to(device)
+    xs = [torch.randn(16 + i, 64, device=device) for i in range(10)]
+    with torch.no_grad():
+        expected = [model[0](x).cpu() for x in xs]
+        with fastcap.capture(model, "0", depth=2) as cap:
+            for x in xs:
+                model(x)
+                junk = [torch.full((32, 64), float("nan"), device=device) for _ in range(4)]
+                del junk
+    assert torch.equal(cap.result()["0"], torch.cat(expected))
