@@ -52,18 +52,26 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       // Blocking calls let go of the GIL: the consumer may be another Python thread.
       .def("acquire", &Ring::acquire, py::arg("nbytes"), py::arg("timeout_s"),
            py::call_guard<py::gil_scoped_release>())
-      .def("host", &Ring::host, py::arg("slot"))
-      .def("staging", &Ring::staging, py::arg("slot"), py::arg("device"))
-      .def("commit", &Ring::commit, py::arg("slot"), py::arg("nbytes"), py::arg("from_staging"))
+      // Every call that takes the ring's lock lets go of the GIL first: a thread holding
+      // the lock may need the GIL (to free a tensor Python saw), never the other way.
+      .def("host", &Ring::host, py::arg("slot"), py::call_guard<py::gil_scoped_release>())
+      .def("staging", &Ring::staging, py::arg("slot"), py::arg("device"),
+           py::call_guard<py::gil_scoped_release>())
+      .def("commit", &Ring::commit, py::arg("slot"), py::arg("nbytes"), py::arg("from_staging"),
+           py::call_guard<py::gil_scoped_release>())
       .def("wait", &Ring::wait, py::arg("slot"), py::call_guard<py::gil_scoped_release>())
       .def("release", &Ring::release, py::arg("slot"), py::call_guard<py::gil_scoped_release>())
       .def("take", &Ring::take, py::arg("slot"), py::call_guard<py::gil_scoped_release>())
       .def_property_readonly("pinned", &Ring::pinned)
       .def("close", &Ring::close, py::call_guard<py::gil_scoped_release>())
       .def_property_readonly("depth", &Ring::depth)
-      .def("free_slots", &Ring::free_slots)
+      .def("free_slots", &Ring::free_slots, py::call_guard<py::gil_scoped_release>())
       .def("stats", [](const Ring& ring) {
-        const fastcap::RingStats s = ring.stats();
+        fastcap::RingStats s;
+        {
+          py::gil_scoped_release no_gil;
+          s = ring.stats();
+        }
         py::dict d;
         d["slots"] = s.slots;
         d["slot_bytes"] = s.slot_bytes;

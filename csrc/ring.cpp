@@ -75,7 +75,13 @@ Ring::Ring(int64_t depth, bool pinned) : pinned_(pinned) {
   slots_.resize(depth);
 }
 
-Ring::~Ring() { close(); }
+Ring::~Ring() {
+  try {
+    close();
+  } catch (const std::exception& e) {
+    TORCH_WARN("fastcap ring: error while freeing a ring: ", e.what());
+  }
+}
 
 Ring::Slot& Ring::slot_locked(int64_t slot, const char* what) {
   TORCH_CHECK(!closed_, "fastcap ring: ", what, "() on a closed ring");
@@ -85,6 +91,9 @@ Ring::Slot& Ring::slot_locked(int64_t slot, const char* what) {
 }
 
 void Ring::allocate_locked(Slot& s, int64_t capacity) {
+  // Freeing pinned memory synchronises the device: a grown slot's old buffer waits for
+  // close() instead of stalling the forward that grew it.
+  if (s.host && pinned_) retired_.push_back(std::move(s.host));
   s.host = std::make_shared<HostBuffer>(capacity, pinned_);
   s.capacity = capacity;
   s.staging = at::Tensor();  // re-made at the new size on next use
@@ -92,6 +101,7 @@ void Ring::allocate_locked(Slot& s, int64_t capacity) {
 
 int64_t Ring::acquire(int64_t nbytes, double timeout_s) {
   TORCH_CHECK_VALUE(nbytes >= 0, "fastcap ring: acquire() needs nbytes >= 0, got ", nbytes);
+  at::Tensor old_staging;  // released after the lock (it may need the GIL)
   std::unique_lock<std::mutex> lock(mutex_);
   TORCH_CHECK(!closed_, "fastcap ring: acquire() on a closed ring");
   if (!allocated_) {
@@ -123,6 +133,7 @@ int64_t Ring::acquire(int64_t nbytes, double timeout_s) {
   if (idx < 0) return -1;
 
   Slot& s = slots_[idx];
+  if (!s.host || s.capacity < nbytes) old_staging = std::move(s.staging);
   if (!s.host) {
     // The slot's last buffer was handed over by take(): a new one, as large as before.
     allocate_locked(s, std::max(nbytes, s.capacity));
@@ -190,10 +201,18 @@ void Ring::commit(int64_t slot, int64_t nbytes, bool from_staging) {
   // Otherwise the events and the copy would be issued on the current device, not the
   // staging buffer's.
   c10::cuda::CUDAGuard guard(dev);
+  if (s.compute_done != nullptr && s.event_device != dev) {
+    // The key's activations moved to another GPU: events belong to one device.
+    for (cudaEvent_t* ev : {&s.compute_done, &s.copy_start, &s.copy_done}) {
+      C10_CUDA_CHECK(cudaEventDestroy(*ev));
+      *ev = nullptr;
+    }
+  }
   if (s.compute_done == nullptr) {
     C10_CUDA_CHECK(cudaEventCreateWithFlags(&s.compute_done, cudaEventDisableTiming));
     C10_CUDA_CHECK(cudaEventCreate(&s.copy_start));
     C10_CUDA_CHECK(cudaEventCreate(&s.copy_done));
+    s.event_device = dev;
   }
   auto it = side_streams_.find(dev);
   if (it == side_streams_.end()) {
@@ -222,15 +241,22 @@ void Ring::wait_copy_locked(Slot& s, std::unique_lock<std::mutex>& lock) {
   if (!s.copy_pending) return;
   cudaEvent_t start = s.copy_start, done = s.copy_done;
   const int64_t nbytes = s.nbytes;
-  s.copy_pending = false;
-  // Do not hold the lock across a device wait: the producer may need it meanwhile.
+  // Do not hold the lock across a device wait: the producer may need it meanwhile. The
+  // waiter count keeps close() from destroying the events under us.
+  ++s.waiters;
   lock.unlock();
-  C10_CUDA_CHECK(cudaEventSynchronize(done));
+  cudaError_t err = cudaEventSynchronize(done);
   float ms = 0.f;
-  C10_CUDA_CHECK(cudaEventElapsedTime(&ms, start, done));
+  if (err == cudaSuccess) err = cudaEventElapsedTime(&ms, start, done);
   lock.lock();
-  stats_.d2h_bytes += nbytes;
-  stats_.d2h_seconds += ms / 1000.0;
+  --s.waiters;
+  freed_.notify_all();
+  C10_CUDA_CHECK(err);
+  if (s.copy_pending && s.copy_done == done) {  // the first of concurrent waiters counts it
+    s.copy_pending = false;
+    stats_.d2h_bytes += nbytes;
+    stats_.d2h_seconds += ms / 1000.0;
+  }
 #else
   (void)s;
   (void)lock;
@@ -276,21 +302,39 @@ at::Tensor Ring::take(int64_t slot) {
 }
 
 void Ring::close() {
+  // Buffers die after the lock is released: freeing pinned memory or a staging tensor
+  // can block (cudaFreeHost) or need the GIL (a tensor Python saw).
+  std::vector<std::shared_ptr<HostBuffer>> host_graveyard;
+  std::vector<at::Tensor> staging_graveyard;
   std::unique_lock<std::mutex> lock(mutex_);
   if (closed_) return;
   for (auto& s : slots_) {
-    wait_copy_locked(s, lock);
+    try {
+      wait_copy_locked(s, lock);
+    } catch (const std::exception& e) {
+      TORCH_WARN("fastcap ring: a device-to-host copy failed while closing: ", e.what());
+    }
+  }
+#ifdef FASTCAP_WITH_CUDA
+  freed_.wait(lock, [&] {
+    return std::all_of(slots_.begin(), slots_.end(), [](const Slot& s) { return s.waiters == 0; });
+  });
+#endif
+  for (auto& s : slots_) {
 #ifdef FASTCAP_WITH_CUDA
     for (cudaEvent_t* ev : {&s.compute_done, &s.copy_start, &s.copy_done}) {
       if (*ev != nullptr) C10_CUDA_CHECK_WARN(cudaEventDestroy(*ev));
       *ev = nullptr;
     }
+    s.copy_pending = false;
 #endif
-    s.staging = at::Tensor();
-    s.host.reset();
+    staging_graveyard.push_back(std::move(s.staging));
+    host_graveyard.push_back(std::move(s.host));
     s.capacity = 0;
     s.state = State::kFree;
   }
+  for (auto& b : retired_) host_graveyard.push_back(std::move(b));
+  retired_.clear();
 #ifdef FASTCAP_WITH_CUDA
   side_streams_.clear();
 #endif

@@ -125,6 +125,8 @@ class Ring {
     cudaEvent_t compute_done = nullptr;  // on the compute stream, after the hook's kernel
     cudaEvent_t copy_start = nullptr;    // on the side stream, timing the copy
     cudaEvent_t copy_done = nullptr;
+    c10::DeviceIndex event_device = -1;  // the device the events were made on
+    int waiters = 0;                     // threads inside wait_copy_locked() for this slot
 #endif
   };
 
@@ -136,6 +138,7 @@ class Ring {
   mutable std::mutex mutex_;
   std::condition_variable freed_;
   std::vector<Slot> slots_;
+  std::vector<std::shared_ptr<HostBuffer>> retired_;  // grown-out pinned buffers, freed by close()
   int64_t next_ = 0;  // where the search for a free slot starts: keeps reuse FIFO
   bool allocated_ = false;
   bool closed_ = false;

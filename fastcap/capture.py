@@ -175,6 +175,7 @@ class Capture:
         self._pinned = _ext.cuda_ready()
         self._lock = threading.Lock()
         self._steps: Deque[_Step] = deque()
+        self._claimed: List[_Step] = []  # taken by drain(), being copied out
         self._open: Optional[_Step] = None
         self._steps_finished = 0
         self._stall_seconds = 0.0
@@ -217,7 +218,9 @@ class Capture:
         try:
             with self._lock:
                 self._finish_open()
-                pending = list(self._steps)
+                # Steps drain() has claimed but not yet copied out count too: their rings
+                # are about to close.
+                pending = list(self._steps) + list(self._claimed)
             for step in pending:
                 for item in step.items.values():
                     if item.ring is not None:
@@ -256,10 +259,10 @@ class Capture:
         return hook
 
     def _on_output(self, layer: _Layer, output: Any) -> None:
-        if self._open is None:
-            with self._lock:
+        with self._lock:
+            if self._open is None:
                 self._open = _Step(implicit=True)
-        step = self._open
+            step = self._open
         n = step.calls.get(layer.key, 0)
         step.calls[layer.key] = n + 1
         key = layer.key if n == 0 else f"{layer.key}#{n}"
@@ -270,7 +273,12 @@ class Capture:
             parts = self._plans.get(signature)
             if parts is None:
                 parts = self._plans[signature] = self._plan_parts(layer, x)
-            step.items[key] = self._capture(key, layer, x.detach(), parts)
+            item = self._capture(key, layer, x.detach(), parts)
+            with self._lock:
+                if step is not self._open:
+                    # drain() closed this (implicit) step meanwhile: start the next one.
+                    step = self._open = _Step(implicit=True)
+                step.items[key] = item
         except BaseException:
             # Nothing stays behind after an error: hooks off, buffers freed (what was
             # captured before stays in result()).
@@ -414,7 +422,13 @@ class Capture:
                 if not self._steps:
                     return
                 step = self._steps.popleft()
-            yield {key: item.materialize() for key, item in step.items.items()}
+                self._claimed.append(step)
+            try:
+                out = {key: item.materialize() for key, item in step.items.items()}
+            finally:
+                with self._lock:
+                    self._claimed.remove(step)
+            yield out
 
     def result(self) -> Dict[str, Captured]:
         """Every captured batch not yet drained, concatenated along dim 0 on CPU, per key.

@@ -1,5 +1,6 @@
 """capture() against the plain-PyTorch hook it replaces: out.detach().clone() taken at
 hook time, on CPU and (when present) CUDA."""
+import importlib
 import threading
 
 import pytest
@@ -393,3 +394,37 @@ def test_allocator_reuse_right_after_the_hook(device):
                 junk = [torch.full((32, 64), float("nan"), device=device) for _ in range(4)]
                 del junk
     assert torch.equal(cap.result()["0"], torch.cat(expected))
+
+
+def test_leaving_the_with_block_while_another_thread_copies_a_step_out(monkeypatch):
+    # drain() in a consumer thread has claimed a step and is copying it out when the
+    # forward thread leaves the with-block: the step must arrive intact, not hit a
+    # closed ring.
+    capture_module = importlib.import_module("fastcap.capture")  # the module, not the function
+
+    original = capture_module._Item.materialize
+    claimed = threading.Event()
+
+    def slow_materialize(item):
+        claimed.set()
+        threading.Event().wait(0.2)
+        return original(item)
+
+    monkeypatch.setattr(capture_module._Item, "materialize", slow_materialize)
+    model = nn.Sequential(nn.Identity())
+    got, errors = [], []
+
+    def consume():
+        try:
+            got.extend(cap.drain())
+        except Exception as exc:  # surfaced below
+            errors.append(exc)
+
+    with fastcap.capture(model, "0") as cap:
+        model(torch.ones(2, 2))
+        consumer = threading.Thread(target=consume)
+        consumer.start()
+        assert claimed.wait(5)
+    consumer.join(5)
+    assert errors == [] and len(got) == 1
+    assert torch.equal(got[0]["0"], torch.ones(2, 2))

@@ -105,6 +105,15 @@ def test_empty_batch(device):
     _ops.copy_into(x, d)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_mean_over_an_empty_reduction_is_nan_like_torch(device):
+    for x in (torch.empty(2, 3, 5, 0, device=device).transpose(2, 3),
+              torch.empty(2, 0, 3, 4, device=device).permute(0, 2, 1, 3)):
+        out = torch.zeros(x.shape[0], x.shape[1], device=device)
+        _ops.mean_into(x, 1, out)
+        assert torch.isnan(out).all() and torch.isnan(x.mean((2, 3))).all()
+
+
 def test_op_errors_name_the_argument():
     x = torch.randn(2, 8, 4, 4)
     with pytest.raises(ValueError, match=r"channel_dim=4 does not fit shape \[2, 8, 4, 4\]"):

@@ -7,6 +7,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <limits>
 #include <type_traits>
 #include <vector>
 
@@ -184,6 +185,10 @@ void mean_into_cpu(const at::Tensor& src, int64_t channel_dim, const at::Tensor&
   if (N == 0 || C == 0) return;
 
   const ReducedDims r = reduced_dims(src, channel);
+  if (r.numel == 0) {  // a mean over nothing, as torch.mean gives it
+    dst.fill_(std::numeric_limits<float>::quiet_NaN());
+    return;
+  }
   bool channels_inner = src.stride(channel) == 1 && C > 1;
   for (int64_t s : r.strides) channels_inner = channels_inner && s >= C;
   float* out = dst.mutable_data_ptr<float>();

@@ -9,6 +9,8 @@ namespace fastcap {
 namespace {
 
 constexpr int kThreads = 256;
+// Below this many (n, c) rows one thread or warp per row leaves most SMs idle.
+constexpr int64_t kMinRowsPerLaunch = 16384;
 constexpr int kWarp = 32;
 
 // Kahan summation: each thread's running float32 sum stays accurate over long reductions.
@@ -71,7 +73,23 @@ void mean_into_cuda(const at::Tensor& src, int64_t channel_dim, const at::Tensor
   c10::cuda::CUDAGuard device_guard(src.device());
   if (N == 0 || C == 0) return;
 
+  if (src.dim() == 2) {  // [N, C]: nothing to reduce, returned as float32
+    dst.copy_(src);
+    return;
+  }
   const ReducedDims r = reduced_dims(src, channel);
+  if (N * C < kMinRowsPerLaunch || static_cast<int>(r.sizes.size()) > kMaxReducedDims) {
+    // Too few (n, c) rows to fill the GPU with one thread or warp each (or too many
+    // unmergeable dims): ATen's reduction splits each row across blocks, accumulating in
+    // float32 like ours, straight into dst.
+    std::vector<int64_t> reduce_dims;
+    for (int64_t d = 1; d < src.dim(); ++d) {
+      if (d != channel) reduce_dims.push_back(d);
+    }
+    at::Tensor out_view = dst;
+    at::mean_out(out_view, src, reduce_dims, /*keepdim=*/false, at::kFloat);
+    return;
+  }
   const DeviceDims dims = to_device_dims(r);
   bool channels_inner = src.stride(channel) == 1 && C > 1;
   for (int64_t s : r.strides) channels_inner = channels_inner && s >= C;
