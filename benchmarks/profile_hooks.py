@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from fastcap import _bench
+from fastcap.capture import first_tensor
 
 
 def _median_ms(fn, repeats: int) -> float:
@@ -41,7 +42,7 @@ def activations(recipe: dict, layers) -> dict[str, torch.Tensor]:
     modules = dict(model.named_modules())
     acts: dict[str, torch.Tensor] = {}
     handles = [modules[name].register_forward_hook(
-        lambda m, i, o, key=key: acts.__setitem__(key, _bench.first_tensor(o).detach().clone()))
+        lambda m, i, o, key=key: acts.__setitem__(key, first_tensor(o).detach().clone()))
         for key, name in keys.items()]
     with torch.inference_mode():
         model(x)

@@ -54,6 +54,16 @@ inline ReducedDims reduced_dims(const at::Tensor& src, int64_t channel) {
   return r;
 }
 
+// Whether the channels are innermost in memory (NHWC, [N, L, C]): every reduced dim
+// steps over whole rows of C. Both backends then sum contiguous rows of channels.
+inline bool channels_innermost(const at::Tensor& src, int64_t channel, const ReducedDims& r) {
+  if (src.stride(channel) != 1 || src.size(channel) <= 1) return false;
+  for (int64_t s : r.strides) {
+    if (s < src.size(channel)) return false;
+  }
+  return true;
+}
+
 // Shape of top-k's outputs: the input's, with the channel dim replaced by k.
 inline std::vector<int64_t> topk_shape(const at::Tensor& src, int64_t channel, int64_t k) {
   std::vector<int64_t> shape(src.sizes().begin(), src.sizes().end());

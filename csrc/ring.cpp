@@ -26,6 +26,15 @@ int64_t round_up(int64_t n, int64_t to) { return (n + to - 1) / to * to; }
 
 using Clock = std::chrono::steady_clock;
 
+// A uint8 tensor [bytes] over a host buffer; the tensor co-owns the buffer, so the memory
+// outlives the ring slot for as long as any view of it does.
+at::Tensor byte_view(std::shared_ptr<HostBuffer> owner, int64_t bytes) {
+  void* data = owner->data;
+  return at::from_blob(
+      data, {bytes}, [owner = std::move(owner)](void*) mutable { owner.reset(); },
+      at::TensorOptions().dtype(at::kByte).device(at::kCPU));
+}
+
 }  // namespace
 
 int64_t live_host_bytes() { return g_host_bytes.load(); }
@@ -153,10 +162,7 @@ at::Tensor Ring::host(int64_t slot) {
   std::lock_guard<std::mutex> lock(mutex_);
   Slot& s = slot_locked(slot, "host");
   TORCH_CHECK(s.host, "fastcap ring: host(): slot ", slot, " has no memory yet (acquire first)");
-  std::shared_ptr<HostBuffer> owner = s.host;
-  return at::from_blob(
-      owner->data, {s.capacity}, [owner](void*) mutable { owner.reset(); },
-      at::TensorOptions().dtype(at::kByte).device(at::kCPU));
+  return byte_view(s.host, s.capacity);
 }
 
 at::Tensor Ring::staging(int64_t slot, const at::Device& device) {
@@ -296,9 +302,7 @@ at::Tensor Ring::take(int64_t slot) {
   s.nbytes = 0;
   lock.unlock();
   freed_.notify_all();
-  return at::from_blob(
-      owner->data, {capacity}, [owner](void*) mutable { owner.reset(); },
-      at::TensorOptions().dtype(at::kByte).device(at::kCPU));
+  return byte_view(std::move(owner), capacity);
 }
 
 void Ring::close() {

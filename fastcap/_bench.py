@@ -44,8 +44,8 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
-from fastcap._layers import resolve_layers
-from fastcap.capture import TopK
+from fastcap._layers import model_device, resolve_layers
+from fastcap.capture import TopK, first_tensor
 
 #: The capture methods, in the order tables and plots show them.
 METHODS = ("none", "clone", "torch_reduce", "nonblocking", "fx", "fastcap")
@@ -95,19 +95,6 @@ class CaptureSpec:
 # --------------------------------------------------------------------------------------------
 # Layer names and the reduction done in torch
 # --------------------------------------------------------------------------------------------
-
-
-def first_tensor(out: Any) -> torch.Tensor:
-    """The first tensor leaf of a module output (a tensor, or a tuple/list/dict holding one)."""
-    if isinstance(out, torch.Tensor):
-        return out
-    values = out.values() if isinstance(out, Mapping) else out if isinstance(out, (tuple, list)) else ()
-    for value in values:
-        try:
-            return first_tensor(value)
-        except TypeError:
-            continue
-    raise TypeError(f"module output of type {type(out).__name__} holds no tensor")
 
 
 def reduce_torch(x: torch.Tensor, mode: str, k: int | None, channel_dim: int) -> Any:
@@ -202,7 +189,7 @@ class Method:
 
     def finish(self) -> list[dict]:
         """Wait for outstanding device work, then :meth:`collect`."""
-        _sync(_model_device(self.model))
+        _sync(model_device(self.model))
         return self.collect()
 
     def pinned_bytes(self) -> int:
@@ -413,13 +400,6 @@ def make_method(name: str, spec: CaptureSpec, policy: str = "drain") -> Method:
 # --------------------------------------------------------------------------------------------
 # Devices and memory probes
 # --------------------------------------------------------------------------------------------
-
-
-def _model_device(model: torch.nn.Module | None) -> torch.device:
-    if model is not None:
-        for tensor in list(model.parameters()) + list(model.buffers()):
-            return tensor.device
-    return torch.device("cpu")
 
 
 def _sync(device: torch.device | str) -> None:

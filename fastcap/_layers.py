@@ -1,11 +1,13 @@
 """Which modules a capture hooks: names, dotted globs and aliases, resolved against
-``model.named_modules()``, with per-layer options spread over the resolved layers."""
+``model.named_modules()``, with per-layer options spread over the resolved layers; and
+the model's device."""
 from __future__ import annotations
 
 import difflib
 import re
-from typing import Any, Callable, Dict, List, Mapping, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
+import torch
 import torch.nn as nn
 
 LayerSpec = Union[str, Sequence[str], Mapping[str, str]]
@@ -136,6 +138,14 @@ def per_layer(option: str, value: Any, resolved: Mapping[str, str], default: Any
             check(key, value)
             out[key] = value
     return out
+
+
+def model_device(model: Optional[nn.Module]) -> torch.device:
+    """The device of the model's first parameter (or buffer); CPU for none."""
+    if model is not None:
+        for tensor in (*model.parameters(), *model.buffers()):
+            return tensor.device
+    return torch.device("cpu")
 
 
 def module_lookup(model: nn.Module, resolved: Mapping[str, str]) -> List[Tuple[str, str, nn.Module]]:

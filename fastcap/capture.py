@@ -137,7 +137,7 @@ def _dense_strides(x: torch.Tensor) -> Tuple[int, ...]:
     return _contiguous_strides(tuple(x.shape))
 
 
-def _find_tensor(obj: Any) -> Optional[torch.Tensor]:
+def first_tensor(obj: Any) -> Optional[torch.Tensor]:
     """The first tensor leaf of a module output (depth first, in order)."""
     if isinstance(obj, torch.Tensor):
         return obj
@@ -145,7 +145,7 @@ def _find_tensor(obj: Any) -> Optional[torch.Tensor]:
         obj = list(obj.values())
     if isinstance(obj, (list, tuple)):
         for v in obj:
-            t = _find_tensor(v)
+            t = first_tensor(v)
             if t is not None:
                 return t
     return None
@@ -292,7 +292,7 @@ class Capture:
         sel = layer.select
         try:
             if sel is None:
-                x = _find_tensor(output)
+                x = first_tensor(output)
             elif callable(sel):
                 x = sel(output)
             else:

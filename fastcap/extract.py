@@ -51,6 +51,7 @@ import torch.distributed as dist
 from torch.utils.data import BatchSampler, DataLoader, Dataset, IterableDataset, RandomSampler
 from torch.utils.data.distributed import DistributedSampler
 
+from fastcap._layers import model_device
 from fastcap.capture import TopK, capture
 
 __all__ = ["extract", "open", "Store", "LayerArray"]
@@ -352,7 +353,7 @@ def _extract(model, data, layers, reduce, *, out, k, channel_dim, dtype, select,
     # Built first so that bad layers/reduce/k fail before out is touched; hooks come later.
     cap = capture(model, layers, reduce, k=k, channel_dim=channel_dim, dtype=dtype,
                   select=select, depth=depth, _backpressure=True)
-    device = _model_device(model)
+    device = model_device(model)
     group = _ProcessGroup.join(device)
     try:
         source = _make_source(data, group.rank, group.world_size)
@@ -474,12 +475,6 @@ def _to_device(batch, device: torch.device):
         moved = [_to_device(value, device) for value in batch]
         return type(batch)(*moved) if hasattr(batch, "_fields") else type(batch)(moved)
     return batch
-
-
-def _model_device(model: torch.nn.Module) -> torch.device:
-    for tensor in (*model.parameters(), *model.buffers()):
-        return tensor.device
-    return torch.device("cpu")
 
 
 def _show_progress(progress: bool | None, rank: int) -> bool:

@@ -33,6 +33,18 @@ def tiny():
     return Tiny().eval(), torch.randn(2, 3, 8, 8)
 
 
+
+def _run_method(name, spec, model, x, batches):
+    """Runs `batches` forwards under one capture method; returns what it kept per batch."""
+    method = _bench.make_method(name, spec)
+    method.open(model)
+    kept = []
+    try:
+        _bench.time_round(method, x, batches, kept)
+    finally:
+        method.close()
+    return kept
+
 def test_resolve_layers_globs():
     model = nn.Module()
     model.layer1 = nn.Sequential(nn.Linear(2, 2), nn.Sequential(nn.ReLU(), nn.ReLU()))
@@ -52,13 +64,7 @@ def test_methods_capture_the_same_values(tiny, reduce):
     results = {}
     with torch.inference_mode():
         for name in _bench.METHODS[1:]:
-            method = _bench.make_method(name, spec)
-            method.open(model)
-            kept = []
-            try:
-                _bench.time_round(method, x, 2, kept)
-            finally:
-                method.close()
+            kept = _run_method(name, spec, model, x, batches=2)
             assert len(kept) == 2, name
             results[name] = kept[0]
     reference = results["clone"]
@@ -90,13 +96,7 @@ def test_full_capture_is_a_copy_taken_at_hook_time():
     with torch.inference_mode():
         want = model[0](x)
         for name in _bench.METHODS[1:]:
-            method = _bench.make_method(name, CaptureSpec("0", "full"))
-            method.open(model)
-            kept = []
-            try:
-                _bench.time_round(method, x, 1, kept)
-            finally:
-                method.close()
+            kept = _run_method(name, CaptureSpec("0", "full"), model, x, batches=1)
             assert torch.equal(kept[0]["0"], want), name
             assert (kept[0]["0"] < 0).any(), name
 

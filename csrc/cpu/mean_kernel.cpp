@@ -189,8 +189,7 @@ void mean_into_cpu(const at::Tensor& src, int64_t channel_dim, const at::Tensor&
     dst.fill_(std::numeric_limits<float>::quiet_NaN());
     return;
   }
-  bool channels_inner = src.stride(channel) == 1 && C > 1;
-  for (int64_t s : r.strides) channels_inner = channels_inner && s >= C;
+  const bool channels_inner = channels_innermost(src, channel, r);
   float* out = dst.mutable_data_ptr<float>();
   AT_DISPATCH_ALL_TYPES_AND2(at::kHalf, at::kBFloat16, src.scalar_type(), "fastcap_mean_into_cpu", [&] {
     if (channels_inner) {

@@ -91,8 +91,7 @@ void mean_into_cuda(const at::Tensor& src, int64_t channel_dim, const at::Tensor
     return;
   }
   const DeviceDims dims = to_device_dims(r);
-  bool channels_inner = src.stride(channel) == 1 && C > 1;
-  for (int64_t s : r.strides) channels_inner = channels_inner && s >= C;
+  const bool channels_inner = channels_innermost(src, channel, r);
   const auto stream = c10::cuda::getCurrentCUDAStream().stream();
   float* out = dst.mutable_data_ptr<float>();
   AT_DISPATCH_ALL_TYPES_AND2(at::kHalf, at::kBFloat16, src.scalar_type(), "fastcap_mean_into_cuda", [&] {
