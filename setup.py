@@ -58,5 +58,5 @@ setup(
     install_requires=["torch", "numpy", "tqdm", "psutil"],
     ext_modules=[_extension()],
     cmdclass={"build_ext": BuildExtension},
-    entry_points={"console_scripts": ["fastcap=fastcap.__main__:main"]},
+    entry_points={"console_scripts": ["fastcap=fastcap.cli:main"]},
 )

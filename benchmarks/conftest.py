@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from fastcap import _bench
+from fastcap import bench
 
 
 _START: dict = {}
@@ -15,14 +15,14 @@ _START: dict = {}
 
 def pytest_sessionstart(session):
     """Take the date and load average when the run starts, not when the JSON is written."""
-    _START.update(_bench.environment())
+    _START.update(bench.environment())
 
 
 def pytest_benchmark_update_machine_info(config, machine_info):
     """Record torch, torchvision, fastcap, the GPU, the thread count, the command line, and the
     load average at the start and end of the run (a busy machine makes noisy ratios)."""
-    env = dict(_START or _bench.environment())
-    env["load_average_end"] = _bench.environment()["load_average"]
+    env = dict(_START or bench.environment())
+    env["load_average_end"] = bench.environment()["load_average"]
     machine_info["fastcap_environment"] = env
 
 
@@ -47,7 +47,7 @@ def bench_models():
     def get(recipe):
         key = json.dumps(recipe, sort_keys=True)
         if key not in cache:
-            cache[key] = (_bench.build_model(recipe), _bench.build_input(recipe))
+            cache[key] = (bench.build_model(recipe), bench.build_input(recipe))
         return cache[key]
 
     return get

@@ -20,7 +20,7 @@ import time
 import torch
 from torch import nn
 
-from fastcap import _bench
+from fastcap import bench
 from fastcap.capture import first_tensor
 
 
@@ -37,8 +37,8 @@ def _median_ms(fn, repeats: int) -> float:
 
 def activations(recipe: dict, layers) -> dict[str, torch.Tensor]:
     """One forward pass's outputs of ``layers`` (cloned), keyed by module name."""
-    model, x = _bench.build_model(recipe), _bench.build_input(recipe)
-    keys = _bench.resolve_layers(model, layers)
+    model, x = bench.build_model(recipe), bench.build_input(recipe)
+    keys = bench.resolve_layers(model, layers)
     modules = dict(model.named_modules())
     acts: dict[str, torch.Tensor] = {}
     handles = [modules[name].register_forward_hook(
@@ -53,18 +53,18 @@ def activations(recipe: dict, layers) -> dict[str, torch.Tensor]:
 
 def profile(acts: dict[str, torch.Tensor], reduce: str, k: int, channel_dim: int, repeats: int) -> list[dict]:
     """Milliseconds per activation for each method (median of ``repeats``)."""
-    spec = _bench.CaptureSpec("0", reduce, k if reduce == "topk" else None, channel_dim)
+    spec = bench.CaptureSpec("0", reduce, k if reduce == "topk" else None, channel_dim)
     rows = []
     with torch.inference_mode():
         for key, a in acts.items():
             wrapper = nn.Sequential(nn.Identity())
             row = {"layer": key, "shape": list(a.shape)}
             for name in ("clone", "torch_reduce", "nonblocking"):
-                method = _bench.make_method(name, spec)
+                method = bench.make_method(name, spec)
                 method.open(wrapper)
                 row[name] = _median_ms(lambda: (method.forward(a), method.finish()), repeats)
                 method.close()
-            method = _bench.make_method("fastcap", spec)
+            method = bench.make_method("fastcap", spec)
             method.open(wrapper)
             try:
                 hook, drain = [], []
@@ -114,7 +114,7 @@ def main(argv=None) -> int:
     recipe = {"model": args.model, "batch": args.batch_size, "shape": [3, args.image_size, args.image_size],
               "device": "cpu"}
     acts = activations(recipe, args.layers)
-    env = _bench.environment()
+    env = bench.environment()
     text = [
         f"Capture cost in ms per batch, per layer, outside the model: {args.model}, batch {args.batch_size}, "
         f"{args.image_size}x{args.image_size}, CPU ({env['cpu']}, {env['torch_threads']} threads), "

@@ -15,7 +15,7 @@ import os
 import shutil
 import sys
 
-from fastcap._bench import METHOD_LABELS, METHOD_SHORT, METHODS, growth_table, noise
+from fastcap.bench import METHOD_LABELS, METHOD_SHORT, METHODS, growth_table, noise
 
 
 

@@ -22,8 +22,8 @@ import statistics
 import pytest
 import torch
 
-from fastcap import _bench
-from fastcap._bench import METHODS, CaptureSpec, make_method, measure_memory, time_round
+from fastcap import bench
+from fastcap.bench import METHODS, CaptureSpec, make_method, measure_memory, time_round
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 REDUCES = ("full", "mean", "topk")
@@ -141,13 +141,13 @@ def test_throughput(benchmark, bench_models, none_baselines, device, model_name,
     timed = [d / batches for d in benchmark.stats.stats.data]
     paired = [t / n for t, n in zip(timed, none_times[warmup_rounds:])]
     base = statistics.median(none_times[warmup_rounds:])
-    record = {"kind": "throughput", "method": method_name, "label": _bench.METHOD_LABELS[method_name],
+    record = {"kind": "throughput", "method": method_name, "label": bench.METHOD_LABELS[method_name],
               **_describe(device, model_name, recipe, reduce), "batches_per_round": batches,
               "seconds_per_batch": per_batch, "items_per_s": recipe["batch"] / per_batch,
               "none_seconds_per_batch": base, "overhead_ratio": statistics.median(paired),
               "none_spread": (max(none_times) - min(none_times)) / base, **memory}
-    _bench.add_link_metrics(record, per_batch, base, x.device, stats)
-    benchmark.extra_info.update(_bench.jsonable(record))
+    bench.add_link_metrics(record, per_batch, base, x.device, stats)
+    benchmark.extra_info.update(bench.jsonable(record))
 
 
 @pytest.mark.parametrize("reduce", REDUCES)
@@ -159,15 +159,15 @@ def test_headline(benchmark, bench_models, device, reduce):
     model, x = bench_models(recipe)
     benchmark.group = f"{device} headline"
     records = benchmark.pedantic(
-        _bench.compare, args=(model, x, _spec(recipe, reduce), METHODS),
+        bench.compare, args=(model, x, _spec(recipe, reduce), METHODS),
         kwargs={"rounds": cfg["headline_rounds"], "batches": cfg["headline_batches"], "warmup": 1},
         rounds=1, iterations=1,
     )
-    same_work = _bench.SAME_WORK[reduce]
+    same_work = bench.SAME_WORK[reduce]
     info = {"kind": "headline", **_describe(device, recipe["model"].split(":")[-1], recipe, reduce),
             "rounds": cfg["headline_rounds"], "batches_per_round": cfg["headline_batches"], "records": records,
-            "fastcap_vs": same_work, "fastcap_ratio": _bench.relative(records, "fastcap", same_work)}
-    benchmark.extra_info.update(_bench.jsonable(info))
+            "fastcap_vs": same_work, "fastcap_ratio": bench.relative(records, "fastcap", same_work)}
+    benchmark.extra_info.update(bench.jsonable(info))
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -178,10 +178,10 @@ def test_memory_growth(benchmark, device):
     spec = _spec(recipe, "full")
     benchmark.group = f"{device} memory growth"
     results = benchmark.pedantic(
-        _bench.memory_growth, args=(recipe, spec, _bench.GROWTH_CASES, cfg["growth_checkpoints"]),
+        bench.memory_growth, args=(recipe, spec, bench.GROWTH_CASES, cfg["growth_checkpoints"]),
         rounds=1, iterations=1,
     )
-    benchmark.extra_info.update(_bench.jsonable(
+    benchmark.extra_info.update(bench.jsonable(
         {"kind": "memory_growth", **_describe(device, recipe["model"].split(":")[-1], recipe, "full"),
          "checkpoints": list(cfg["growth_checkpoints"]), "results": results}
     ))

@@ -12,8 +12,10 @@ by side-stream copies, on CUDA.
 Everything a user calls is here: :func:`capture`, :class:`TopK`, :func:`extract`, :func:`open`.
 """
 from fastcap._ext import BUILT_WITH_CUDA
-from fastcap.capture import Capture, TopK, capture
-from fastcap.extract import LayerArray, Store, extract, open  # noqa: A004 (fastcap.open, like np.load)
+from fastcap._slots import TopK
+from fastcap.capture import Capture, capture
+from fastcap.extract import extract
+from fastcap.store import LayerArray, Store, open  # noqa: A004 (fastcap.open, like np.load)
 
 __version__ = "0.1.0"
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import difflib
 import re
+from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
@@ -13,6 +14,19 @@ import torch.nn as nn
 LayerSpec = Union[str, Sequence[str], Mapping[str, str]]
 
 _GLOB_CHARS = re.compile(r"[*?\[]")
+
+
+@dataclass(frozen=True)
+class Layer:
+    """A hooked module and how its activations are captured."""
+
+    key: str
+    module_name: str
+    mode: str
+    k: Optional[int]
+    channel_dim: int
+    dtype: Optional[torch.dtype]
+    select: Any  # None, an int, a str key or a callable: which tensor of the output
 
 
 def _part_regex(part: str) -> str:

@@ -2,12 +2,12 @@
 copy or reduce it into a preallocated ring of host slots.
 
 One activation's path: the layer's forward hook (`Capture._on_output`) picks the tensor
-(`select`), works out the bytes its result needs (`_plan_parts`), takes a slot of that
+(`select`), works out the bytes its result needs (`fastcap._slots.plan_parts`), takes a slot of that
 key's ring (`_acquire`), runs the op (`torch.ops.fastcap.copy_into`/`mean_into`/
 `topk_into`) straight into the slot's memory - host memory on CPU, the slot's device
 staging buffer on CUDA - and commits the slot (on CUDA this queues the device-to-host
 copy on a side stream). A consumer (`drain()`, `result()`, or a full ring) later waits
-for the slot, copies the bytes out (`_Item.materialize`) and releases the slot.
+for the slot, copies the bytes out (`Item.materialize`) and releases the slot.
 """
 from __future__ import annotations
 
@@ -15,126 +15,27 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Callable, Deque, Dict, Iterator, List, Mapping, NamedTuple, Optional, Tuple, Union
+from typing import Any, Callable, Deque, Dict, Iterator, List, Mapping, Optional, Union
 
 import torch
 import torch.nn as nn
 
 from fastcap import _ext, _ops
-from fastcap._layers import LayerSpec, module_lookup, per_layer, resolve_layers
+from fastcap._layers import Layer, LayerSpec, module_lookup, per_layer, resolve_layers
+from fastcap._slots import Captured, Item, Part, TopK, plan_parts
 
 REDUCE_MODES = ("full", "mean", "topk")
-_ALIGN = 64  # byte alignment of each tensor inside a slot
 
-
-class TopK(NamedTuple):
-    """A top-k capture: ``values`` in the activation's dtype and int64 ``indices``."""
-
-    values: torch.Tensor
-    indices: torch.Tensor
-
-
-Captured = Union[torch.Tensor, TopK]
 Select = Union[None, int, str, Callable[[Any], torch.Tensor]]
-
-
-@dataclass(frozen=True)
-class _Part:
-    """One tensor inside a slot: where it starts and how to view it."""
-
-    offset: int
-    shape: Tuple[int, ...]
-    strides: Tuple[int, ...]
-    dtype: torch.dtype
-    nbytes: int
-
-    @classmethod
-    def make(cls, offset: int, shape: Tuple[int, ...], strides: Tuple[int, ...], dtype: torch.dtype) -> "_Part":
-        n = 1
-        for s in shape:
-            n *= s
-        return cls(offset, shape, strides, dtype, n * dtype.itemsize)
-
-    def view(self, buf: torch.Tensor) -> torch.Tensor:
-        raw = buf.narrow(0, self.offset, self.nbytes)
-        return raw.view(self.dtype).as_strided(self.shape, self.strides)
-
-
-@dataclass(frozen=True)
-class _Layer:
-    """A hooked module and how its activations are captured."""
-
-    key: str
-    module_name: str
-    mode: str
-    k: Optional[int]
-    channel_dim: int
-    dtype: Optional[torch.dtype]
-    select: Select
-
-
-class _Item:
-    """One captured activation: in a ring slot until materialized, then host tensors."""
-
-    __slots__ = ("ring", "slot", "parts", "mode", "value", "_lock")
-
-    def __init__(self, ring, slot: int, parts: List[_Part], mode: str):
-        self.ring, self.slot, self.parts, self.mode = ring, slot, parts, mode
-        self.value: Optional[Captured] = None
-        # close() (forward thread) and drain() (a consumer thread) may both reach here.
-        self._lock = threading.Lock()
-
-    def materialize(self) -> Captured:
-        """Waits for the slot's bytes, copies them out, and frees the slot (once)."""
-        with self._lock:
-            return self._materialize_locked()
-
-    def _materialize_locked(self) -> Captured:
-        if self.value is None:
-            if self.ring.pinned:
-                # Pinned memory is precious and stays in the ring: copy the bytes out.
-                # clone() keeps a dense layout (channels_last stays channels_last).
-                self.ring.wait(self.slot)
-                host = self.ring.host(self.slot)
-                tensors = [p.view(host).clone() for p in self.parts]
-                del host
-                self.ring.release(self.slot)
-            else:
-                # Plain memory: the slot's buffer itself becomes the result (no second
-                # copy); the slot gets a new buffer at its next acquire.
-                host = self.ring.take(self.slot)
-                tensors = [p.view(host) for p in self.parts]
-            self.ring = None
-            self.value = TopK(*tensors) if self.mode == "topk" else tensors[0]
-        return self.value
 
 
 @dataclass
 class _Step:
     """One forward pass: the activations captured during it, in call order."""
 
-    items: Dict[str, _Item] = field(default_factory=dict)
+    items: Dict[str, Item] = field(default_factory=dict)
     calls: Dict[str, int] = field(default_factory=dict)
     implicit: bool = False  # opened by a hook outside a call of the model itself
-
-
-def _contiguous_strides(shape: Tuple[int, ...]) -> Tuple[int, ...]:
-    strides, acc = [], 1
-    for s in reversed(shape):
-        strides.append(acc)
-        acc *= max(s, 1)
-    return tuple(reversed(strides))
-
-
-def _dense_strides(x: torch.Tensor) -> Tuple[int, ...]:
-    """x's own strides when x is dense in a standard layout (kept as is, so a full copy is
-    one memcpy), contiguous strides otherwise (slices, expanded views)."""
-    if x.is_contiguous():
-        return _contiguous_strides(tuple(x.shape))
-    for fmt, nd in ((torch.channels_last, 4), (torch.channels_last_3d, 5)):
-        if x.dim() == nd and x.is_contiguous(memory_format=fmt):
-            return tuple(x.stride())
-    return _contiguous_strides(tuple(x.shape))
 
 
 def first_tensor(obj: Any) -> Optional[torch.Tensor]:
@@ -164,14 +65,14 @@ def _describe(obj: Any) -> str:
 class Capture:
     """Captures chosen layers' activations while a model runs. Made by :func:`capture`."""
 
-    def __init__(self, model: nn.Module, layers: Dict[str, _Layer], depth: int, backpressure: bool):
+    def __init__(self, model: nn.Module, layers: Dict[str, Layer], depth: int, backpressure: bool):
         self._model = model
         self._layers = layers
         self._depth = depth
         self._backpressure = backpressure
         self._handles: List[Any] = []
         self._rings: Dict[str, Any] = {}
-        self._plans: Dict[tuple, List[_Part]] = {}
+        self._plans: Dict[tuple, List[Part]] = {}
         self._pinned = _ext.cuda_ready()
         self._lock = threading.Lock()
         self._steps: Deque[_Step] = deque()
@@ -233,7 +134,7 @@ class Capture:
                 ring.close()
             self._rings.clear()
 
-    def _abort(self, exc: BaseException) -> None:
+    def abort(self, exc: BaseException) -> None:
         """Called by a consumer thread that failed: a forward waiting for a slot raises."""
         self._aborted = exc
 
@@ -253,12 +154,12 @@ class Capture:
             self._steps_finished += 1
             self._open = None
 
-    def _make_hook(self, layer: _Layer):
+    def _make_hook(self, layer: Layer):
         def hook(module, args, output):
             return self._on_output(layer, output)
         return hook
 
-    def _on_output(self, layer: _Layer, output: Any) -> None:
+    def _on_output(self, layer: Layer, output: Any) -> None:
         with self._lock:
             if self._open is None:
                 self._open = _Step(implicit=True)
@@ -272,7 +173,7 @@ class Capture:
             signature = (layer.key, x.shape, x.stride(), x.dtype)
             parts = self._plans.get(signature)
             if parts is None:
-                parts = self._plans[signature] = self._plan_parts(layer, x)
+                parts = self._plans[signature] = plan_parts(layer, x)
             item = self._capture(key, layer, x.detach(), parts)
             with self._lock:
                 if step is not self._open:
@@ -288,7 +189,7 @@ class Capture:
 
     # ----------------------------------------------------------------- one activation
     @staticmethod
-    def _select(layer: _Layer, output: Any) -> torch.Tensor:
+    def _select(layer: Layer, output: Any) -> torch.Tensor:
         sel = layer.select
         try:
             if sel is None:
@@ -306,41 +207,7 @@ class Capture:
                              "pass select= (an int, a key, or a callable) to pick a tensor")
         return x
 
-    @staticmethod
-    def _plan_parts(layer: _Layer, x: torch.Tensor) -> List[_Part]:
-        """Validates x for the layer's mode and lays its result out in a slot."""
-        shape = tuple(x.shape)
-        if x.dim() < 1:
-            raise ValueError(f"layer {layer.key!r}: cannot capture a 0-d output (shape {shape}); "
-                             "activations need a batch dim")
-        if layer.mode == "full":
-            dtype = layer.dtype or x.dtype
-            outs = [(shape, _dense_strides(x), dtype)]
-        else:
-            if x.dim() < 2 or not -x.dim() <= layer.channel_dim < x.dim() or layer.channel_dim in (0, -x.dim()):
-                raise ValueError(f"layer {layer.key!r}: channel_dim={layer.channel_dim} does not fit its "
-                                 f"output of shape {shape} (dim 0 is the batch)")
-            if x.dtype == torch.bool or x.is_complex():
-                raise ValueError(f"layer {layer.key!r}: reduce={layer.mode!r} needs a real-valued output, "
-                                 f"got {x.dtype}")
-            cd = layer.channel_dim % x.dim()
-            if layer.mode == "mean":
-                outs = [((shape[0], shape[cd]), None, torch.float32)]
-            else:
-                if layer.k > shape[cd]:
-                    raise ValueError(f"layer {layer.key!r}: k={layer.k} is out of range for its "
-                                     f"{shape[cd]} channels (output shape {shape}, channel_dim="
-                                     f"{layer.channel_dim})")
-                kshape = shape[:cd] + (layer.k,) + shape[cd + 1:]
-                outs = [(kshape, None, x.dtype), (kshape, None, torch.int64)]
-        parts, offset = [], 0
-        for shp, strides, dtype in outs:
-            part = _Part.make(offset, shp, strides or _contiguous_strides(shp), dtype)
-            parts.append(part)
-            offset += (part.nbytes + _ALIGN - 1) // _ALIGN * _ALIGN
-        return parts
-
-    def _capture(self, key: str, layer: _Layer, x: torch.Tensor, parts: List[_Part]) -> _Item:
+    def _capture(self, key: str, layer: Layer, x: torch.Tensor, parts: List[Part]) -> Item:
         ring = self._rings.get(key)
         if ring is None:
             ring = self._rings[key] = _ext._C.Ring(self._depth, self._pinned)
@@ -363,7 +230,7 @@ class Capture:
         except BaseException:
             ring.release(slot)
             raise
-        return _Item(ring, slot, parts, layer.mode)
+        return Item(ring, slot, parts, layer.mode)
 
     def _acquire(self, ring, nbytes: int) -> int:
         slot = ring.acquire(nbytes, 0.0)
@@ -551,7 +418,7 @@ def capture(model: nn.Module, layers: LayerSpec, reduce: Union[str, Mapping[str,
     if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
         raise ValueError(f"depth must be an int >= 1, got {depth!r}")
     plans = {
-        key: _Layer(key, name, modes[key], ks[key], cds[key], dtype, selects[key])
+        key: Layer(key, name, modes[key], ks[key], cds[key], dtype, selects[key])
         for key, name, _ in module_lookup(model, resolved)
     }
     return Capture(model, plans, depth, _backpressure)

@@ -1,4 +1,4 @@
-"""Smoke tests of the benchmark code (fastcap._bench) on tiny models: every method runs and
+"""Smoke tests of the benchmark code (fastcap.bench) on tiny models: every method runs and
 captures the same values, memory growth is counted right, and ``fastcap bench`` writes its JSON
 and PNG. No timing is asserted."""
 
@@ -9,8 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from fastcap import _bench
-from fastcap._bench import CaptureSpec
+from fastcap import bench
+from fastcap.bench import CaptureSpec
 
 
 class Tiny(nn.Module):
@@ -36,11 +36,11 @@ def tiny():
 
 def _run_method(name, spec, model, x, batches):
     """Runs `batches` forwards under one capture method; returns what it kept per batch."""
-    method = _bench.make_method(name, spec)
+    method = bench.make_method(name, spec)
     method.open(model)
     kept = []
     try:
-        _bench.time_round(method, x, batches, kept)
+        bench.time_round(method, x, batches, kept)
     finally:
         method.close()
     return kept
@@ -49,12 +49,12 @@ def test_resolve_layers_globs():
     model = nn.Module()
     model.layer1 = nn.Sequential(nn.Linear(2, 2), nn.Sequential(nn.ReLU(), nn.ReLU()))
     model.layer2 = nn.Sequential(nn.Linear(2, 2), nn.Sequential(nn.ReLU(), nn.ReLU()))
-    assert list(_bench.resolve_layers(model, "layer*")) == ["layer1", "layer2"]
-    assert list(_bench.resolve_layers(model, "layer*.1")) == ["layer1.1", "layer2.1"]
-    assert list(_bench.resolve_layers(model, "**.1")) == ["layer1.1", "layer1.1.1", "layer2.1", "layer2.1.1"]
-    assert _bench.resolve_layers(model, {"a": "layer2.0"}) == {"a": "layer2.0"}
+    assert list(bench.resolve_layers(model, "layer*")) == ["layer1", "layer2"]
+    assert list(bench.resolve_layers(model, "layer*.1")) == ["layer1.1", "layer2.1"]
+    assert list(bench.resolve_layers(model, "**.1")) == ["layer1.1", "layer1.1.1", "layer2.1", "layer2.1.1"]
+    assert bench.resolve_layers(model, {"a": "layer2.0"}) == {"a": "layer2.0"}
     with pytest.raises(ValueError, match="nope"):
-        _bench.resolve_layers(model, "nope*")
+        bench.resolve_layers(model, "nope*")
 
 
 @pytest.mark.parametrize("reduce", ["full", "mean", "topk"])
@@ -63,7 +63,7 @@ def test_methods_capture_the_same_values(tiny, reduce):
     spec = CaptureSpec(["block1", "block2"], reduce, 4 if reduce == "topk" else None, 1)
     results = {}
     with torch.inference_mode():
-        for name in _bench.METHODS[1:]:
+        for name in bench.METHODS[1:]:
             kept = _run_method(name, spec, model, x, batches=2)
             assert len(kept) == 2, name
             results[name] = kept[0]
@@ -95,7 +95,7 @@ def test_full_capture_is_a_copy_taken_at_hook_time():
     x = torch.randn(2, 3, 6, 6)
     with torch.inference_mode():
         want = model[0](x)
-        for name in _bench.METHODS[1:]:
+        for name in bench.METHODS[1:]:
             kept = _run_method(name, CaptureSpec("0", "full"), model, x, batches=1)
             assert torch.equal(kept[0]["0"], want), name
             assert (kept[0]["0"] < 0).any(), name
@@ -104,17 +104,17 @@ def test_full_capture_is_a_copy_taken_at_hook_time():
 def test_compare_records(tiny):
     model, x = tiny
     spec = CaptureSpec("block*", "mean", None, 1)
-    records = _bench.compare(model, x, spec, _bench.METHODS, rounds=1, batches=1)
+    records = bench.compare(model, x, spec, bench.METHODS, rounds=1, batches=1)
     by = {r["method"]: r for r in records}
-    assert list(by) == list(_bench.METHODS)
+    assert list(by) == list(bench.METHODS)
     for name, record in by.items():
         assert "error" not in record, record
         assert record["items_per_s"] > 0 and record["ratio"] > 0
         assert record["captured_bytes_per_batch"] == (0 if name == "none" else 2 * (8 + 16) * 4)
     assert by["none"]["ratio"] == 1.0
-    text = _bench.throughput_table(records)
+    text = bench.throughput_table(records)
     assert "fastcap" in text and "torch_reduce" in text
-    assert _bench.throughput_table(records, markdown=True).startswith("| method")
+    assert bench.throughput_table(records, markdown=True).startswith("| method")
 
 
 def test_compare_reports_untraceable_model_for_fx():
@@ -128,7 +128,7 @@ def test_compare_reports_untraceable_model_for_fx():
                 return self.lin(x)
             return -self.lin(x)
 
-    records = _bench.compare(Branchy().eval(), torch.ones(2, 4), CaptureSpec("lin", "full"),
+    records = bench.compare(Branchy().eval(), torch.ones(2, 4), CaptureSpec("lin", "full"),
                              ("fx", "clone"), rounds=1, batches=1, memory=False)
     by = {r["method"]: r for r in records}
     assert "error" in by["fx"] and "error" not in by["clone"]
@@ -138,27 +138,27 @@ def test_memory_growth_held_bytes(tiny):
     model, x = tiny
     spec = CaptureSpec("block*", "full", None, 1)
     per_batch = 2 * (8 + 16) * 8 * 8 * 4
-    clone = _bench.memory_growth_one(model, x, spec, "clone", "kept", (1, 3))
+    clone = bench.memory_growth_one(model, x, spec, "clone", "kept", (1, 3))
     assert [row["held_bytes"] for row in clone["rows"]] == [per_batch, 3 * per_batch]
-    drain = _bench.memory_growth_one(model, x, spec, "fastcap", "drain", (1, 3))
+    drain = bench.memory_growth_one(model, x, spec, "fastcap", "drain", (1, 3))
     assert [row["held_bytes"] for row in drain["rows"]] == [0, 0]
-    kept = _bench.memory_growth_one(model, x, spec, "fastcap", "kept", (1, 3))
+    kept = bench.memory_growth_one(model, x, spec, "fastcap", "kept", (1, 3))
     assert [row["held_bytes"] for row in kept["rows"]] == [per_batch, 3 * per_batch]
     assert kept["rows"][-1]["result_bytes"] == 3 * per_batch
 
 
 def test_bench_command(tmp_path, capsys):
     parser = argparse.ArgumentParser()
-    _bench.add_arguments(parser)
+    bench.add_arguments(parser)
     prefix = tmp_path / "out" / "r18"
     args = parser.parse_args([
         "--model", "torchvision:resnet18", "--layers", "layer*", "--reduce", "topk", "--k", "4",
         "--batch-size", "2", "--image-size", "32", "--device", "cpu", "--rounds", "1", "--batches", "1",
         "--memory-batches", "1,2", "--in-process", "--out", str(prefix),
     ])
-    assert _bench.run(args) == 0
+    assert bench.run(args) == 0
     data = json.loads((tmp_path / "out" / "r18.json").read_text())
-    assert [r["method"] for r in data["throughput"]] == list(_bench.METHODS)
+    assert [r["method"] for r in data["throughput"]] == list(bench.METHODS)
     assert data["config"]["resolved_layers"] == {f"layer{i}": f"layer{i}" for i in range(1, 5)}
     assert data["environment"]["torch"] == torch.__version__
     growth = {(g["method"], g["policy"]): g for g in data["memory_growth"]}
@@ -170,22 +170,22 @@ def test_bench_command(tmp_path, capsys):
 
 def test_bench_command_rejects_unknown_method(capsys):
     parser = argparse.ArgumentParser()
-    _bench.add_arguments(parser)
+    bench.add_arguments(parser)
     args = parser.parse_args(["--model", "resnet18", "--layers", "layer1", "--methods", "clone,bogus"])
-    assert _bench.run(args) == 2
+    assert bench.run(args) == 2
     assert "bogus" in capsys.readouterr().err
 
 
 def test_bench_command_dtype_and_channels_last(tmp_path):
     parser = argparse.ArgumentParser()
-    _bench.add_arguments(parser)
+    bench.add_arguments(parser)
     prefix = tmp_path / "bf16"
     args = parser.parse_args([
         "--model", "resnet18", "--layers", "layer3,layer4", "--reduce", "full", "--dtype", "bfloat16",
         "--channels-last", "--batch-size", "2", "--image-size", "32", "--device", "cpu", "--rounds", "1",
         "--batches", "1", "--methods", "clone,fastcap", "--no-memory-growth", "--out", str(prefix),
     ])
-    assert _bench.run(args) == 0
+    assert bench.run(args) == 0
     data = json.loads((tmp_path / "bf16.json").read_text())
     by = {r["method"]: r for r in data["throughput"]}
     assert set(by) == {"none", "clone", "fastcap"} and "error" not in by["fastcap"]

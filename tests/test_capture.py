@@ -400,9 +400,9 @@ def test_leaving_the_with_block_while_another_thread_copies_a_step_out(monkeypat
     # drain() in a consumer thread has claimed a step and is copying it out when the
     # forward thread leaves the with-block: the step must arrive intact, not hit a
     # closed ring.
-    capture_module = importlib.import_module("fastcap.capture")  # the module, not the function
+    slots_module = importlib.import_module("fastcap._slots")
 
-    original = capture_module._Item.materialize
+    original = slots_module.Item.materialize
     claimed = threading.Event()
 
     def slow_materialize(item):
@@ -410,7 +410,7 @@ def test_leaving_the_with_block_while_another_thread_copies_a_step_out(monkeypat
         threading.Event().wait(0.2)
         return original(item)
 
-    monkeypatch.setattr(capture_module._Item, "materialize", slow_materialize)
+    monkeypatch.setattr(slots_module.Item, "materialize", slow_materialize)
     model = nn.Sequential(nn.Identity())
     got, errors = [], []
 

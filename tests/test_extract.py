@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader, TensorDataset
 import fastcap
 
 extract_module = importlib.import_module("fastcap.extract")
+from fastcap.store import _format, _writer  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKER = Path(__file__).resolve().parent / "_extract_worker.py"
@@ -144,9 +145,9 @@ def test_shuffled_loader_runs_in_dataset_order(tmp_path):
 
 def test_index_runs_round_trip():
     for values in ([], [5], [0, 2, 4, 5], [3, 3, 3], [9, 7, 5, 6, 0], list(range(0, 37, 2))):
-        runs = extract_module._encode_runs(np.array(values, dtype=np.int64))
-        assert extract_module._decode_runs(runs).tolist() == values
-    assert extract_module._encode_runs(np.arange(1000)) == [[0, 1000, 1]]
+        runs = _format.encode_runs(np.array(values, dtype=np.int64))
+        assert _format.decode_runs(runs).tolist() == values
+    assert _format.encode_runs(np.arange(1000)) == [[0, 1000, 1]]
 
 
 # ------------------------------------------------------------------ crash safety and resume
@@ -179,7 +180,7 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path):
 def test_disk_full_keeps_committed_shards_and_resumes(tmp_path, monkeypatch):
     model, loader = worker.tiny_model(), _loader(50, 8)
     writes = {"n": 0}
-    original = extract_module._NpyStream.write
+    original = _writer.NpyStream.write
 
     def failing_write(self, array):
         writes["n"] += 1
@@ -187,7 +188,7 @@ def test_disk_full_keeps_committed_shards_and_resumes(tmp_path, monkeypatch):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         return original(self, array)
 
-    monkeypatch.setattr(extract_module._NpyStream, "write", failing_write)
+    monkeypatch.setattr(_writer.NpyStream, "write", failing_write)
     with pytest.raises(OSError, match=r"No space left on device.*1 shard\(s\).*kept"):
         fastcap.extract(model, loader, ["0", "3"], "full", out=tmp_path, shard_size=16)
     monkeypatch.undo()
@@ -310,7 +311,7 @@ def test_cli_extract_end_to_end(tmp_path):
     store = fastcap.open(out)
     assert store["layer4"].shape == (64, 512) and store["fc"].shape == (64, 1000)
 
-    from fastcap._cli_models import load_model, make_dataset
+    from fastcap.models import load_model, make_dataset
 
     torch.manual_seed(0)  # the CLI's default --seed
     model = load_model("resnet18")
@@ -338,7 +339,7 @@ def test_cli_help_documents_every_flag():
 
 
 def test_cli_model_and_data_specs(tmp_path):
-    from fastcap._cli_models import FakeImages, load_model, make_dataset
+    from fastcap.models import FakeImages, load_model, make_dataset
 
     sys.path.insert(0, str(WORKER.parent))
     try:
@@ -384,7 +385,7 @@ def test_host_memory_flat_over_many_batches(tmp_path):
                 rss[i] = process.memory_info().rss
             yield x
 
-    store, stats = extract_module._extract(
+    store, stats = extract_module.extract_with_stats(
         model, batches(), ["0", "1"], "full", out=tmp_path, k=None, channel_dim=1, dtype=None,
         select=None, shard_size=256, overwrite=False, progress=False, forward=None, depth=4)
     assert store["1"].shape == (2400, 16, 32, 32) and stats["bytes_written"] == 2 * 300 * 8 * 16 * 32 * 32 * 4

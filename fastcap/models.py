@@ -1,4 +1,5 @@
-"""Model and data specs of the command line (``fastcap extract``, ``fastcap bench``).
+"""Model and data specs of the command line (``fastcap extract``, ``fastcap bench``): building
+the model and the dataset a ``--model`` / ``--data`` string names.
 
 Model specs (``--model``):
     ``resnet50`` or ``torchvision:resnet50``   a torchvision architecture, random init

@@ -1,0 +1,157 @@
+"""Where extract's batches come from: a DataLoader over a map-style dataset, replanned as
+explicit batches of dataset indices (split with a DistributedSampler under torchrun), or any
+other iterable of batches, numbered by running sample counters.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import warnings
+from collections.abc import Iterable, Mapping
+
+import numpy as np
+import torch
+from torch.utils.data import BatchSampler, DataLoader, IterableDataset, RandomSampler
+from torch.utils.data.distributed import DistributedSampler
+
+
+def batch_size(batch) -> int:
+    """Rows in a batch: dim 0 of its first tensor."""
+    if isinstance(batch, torch.Tensor):
+        return int(batch.shape[0]) if batch.dim() else 1
+    if isinstance(batch, Mapping):
+        values = list(batch.values())
+    elif isinstance(batch, (tuple, list)):
+        values = list(batch)
+    else:
+        values = []
+    for value in values:
+        try:
+            return batch_size(value)
+        except TypeError:
+            continue
+    raise TypeError(f"cannot tell the batch size of a {type(batch).__name__} batch: it holds no tensor")
+
+
+def to_device(batch, device: torch.device):
+    """The batch's tensors on ``device`` (``non_blocking`` from pinned memory)."""
+    if device.type == "cpu":
+        return batch
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=batch.is_pinned())
+    if isinstance(batch, Mapping):
+        return {key: to_device(value, device) for key, value in batch.items()}
+    if isinstance(batch, (tuple, list)):
+        moved = [to_device(value, device) for value in batch]
+        return type(batch)(*moved) if hasattr(batch, "_fields") else type(batch)(moved)
+    return batch
+
+
+
+class MapSource:
+    """A DataLoader over a map-style dataset, replanned as explicit batches of indices.
+
+    ``positions`` are places in the global (all-rank) order; under torch.distributed rank r
+    holds positions r, r + W, ... of the DistributedSampler's padded list, and positions
+    >= num_samples are its padding.
+    """
+
+    kind = "map"
+
+    def __init__(self, loader: DataLoader, rank: int, world_size: int):
+        self.loader = loader
+        order = self._order(loader)
+        self.num_samples = len(order)
+        self.order_digest = hashlib.sha256(order.astype("<i8").tobytes()).hexdigest()[:16]
+        self.batch_size = loader.batch_size
+        if world_size > 1:
+            sampler = DistributedSampler(order, num_replicas=world_size, rank=rank, shuffle=False)
+            taken = np.fromiter(iter(sampler), dtype=np.int64, count=len(sampler))
+            indices = order[taken]
+            positions = np.arange(rank, sampler.total_size, world_size, dtype=np.int64)
+        else:
+            indices, positions = order, np.arange(len(order), dtype=np.int64)
+        self.rank_samples = len(indices)
+        cuts = range(0, len(indices), self.batch_size)
+        self.plan = [(indices[c:c + self.batch_size], positions[c:c + self.batch_size]) for c in cuts]
+        if loader.drop_last and self.plan and len(self.plan[-1][0]) < self.batch_size:
+            self.plan.pop()
+            self.rank_samples = sum(len(b) for b, _ in self.plan)
+
+    @staticmethod
+    def _order(loader: DataLoader) -> np.ndarray:
+        """The loader's sample order: its sampler's, or dataset order when it shuffles."""
+        if isinstance(loader.sampler, DistributedSampler):  # the script's own split: redone here
+            return np.arange(len(loader.dataset), dtype=np.int64)
+        if isinstance(loader.sampler, RandomSampler):
+            warnings.warn("extract: the DataLoader shuffles; extract runs in dataset order "
+                          "instead, so that an interrupted run can resume", UserWarning, stacklevel=6)
+            return np.arange(len(loader.dataset), dtype=np.int64)
+        return np.fromiter((int(i) for i in loader.sampler), dtype=np.int64)
+
+    def batches(self, skip_batches: int, pin: bool):
+        """Yield (batch, indices, positions) for the batches after the first ``skip_batches``.
+
+        The skipped batches are not loaded: a new DataLoader (same dataset, workers and
+        collate_fn) runs over the remaining batches of the plan.
+        """
+        plan = self.plan[skip_batches:]
+        if not plan:
+            return
+        old = self.loader
+        kwargs = dict(batch_sampler=[b.tolist() for b, _ in plan], num_workers=old.num_workers,
+                      collate_fn=old.collate_fn, pin_memory=pin,
+                      timeout=old.timeout, worker_init_fn=old.worker_init_fn,
+                      multiprocessing_context=old.multiprocessing_context, generator=old.generator)
+        if old.num_workers > 0:
+            kwargs["prefetch_factor"] = old.prefetch_factor
+        loader = DataLoader(old.dataset, **kwargs)
+        for batch, (indices, positions) in zip(loader, plan):
+            yield batch, indices, positions
+
+
+class IterableSource:
+    """Any other iterable of batches; rows are numbered by running sample counters."""
+
+    kind = "iterable"
+    num_samples = None
+    rank_samples = None
+    batch_size = None
+    order_digest = None
+
+    def __init__(self, data: Iterable):
+        self.data = data
+
+    def batches(self, skip_batches: int, pin: bool):
+        """Yield (batch, None, None) after consuming, without running them, ``skip_batches``."""
+        iterator = iter(self.data)
+        for skipped in range(skip_batches):
+            if next(iterator, _END) is _END:
+                raise ValueError(
+                    f"data ended after {skipped} batches, but the extraction in out already "
+                    f"committed {skip_batches}: this is not the data it was started with"
+                )
+        for batch in iterator:
+            yield batch, None, None
+
+
+_END = object()
+
+
+def make_source(data, rank: int, world_size: int):
+    map_style = (isinstance(data, DataLoader) and not isinstance(data.dataset, IterableDataset)
+                 and data.batch_sampler is not None)
+    if map_style and isinstance(data.batch_sampler, BatchSampler):
+        return MapSource(data, rank, world_size)
+    if world_size > 1:
+        raise ValueError(
+            "under torch.distributed, data must be a DataLoader with batch_size over a map-style "
+            f"dataset (so that it can be split with a DistributedSampler), got {type(data).__name__}"
+            + (" with a custom batch_sampler" if map_style else "")
+        )
+    return IterableSource(data)
+
+
+# --------------------------------------------------------------------------------------------
+# Arguments recorded in the manifest, and the check against an existing extraction
+# --------------------------------------------------------------------------------------------

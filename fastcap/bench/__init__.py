@@ -1,0 +1,182 @@
+"""Benchmarks of fastcap against the pure-Python capture hooks it replaces, shared by the
+pytest-benchmark suite in ``benchmarks/`` and the ``fastcap bench`` command so that both measure
+the same thing the same way.
+
+* :mod:`fastcap.bench.methods`: the capture methods compared (:data:`METHODS`) and what to capture
+  (:class:`CaptureSpec`);
+* :mod:`fastcap.bench.measure`: the timed loop (:func:`time_round`), the interleaved comparison
+  (:func:`compare`), memory probes and the raw device-to-host copy probe;
+* :mod:`fastcap.bench.growth`: memory after 1, 10, 100 ... batches per method
+  (:func:`memory_growth`), each method in a fresh process;
+* :mod:`fastcap.bench.recipes`: the model and input a recipe describes;
+* :mod:`fastcap.bench.report`: the machine record, JSON, tables and the plot;
+* here: the command line, :func:`add_arguments` and :func:`run` (``fastcap bench``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import os
+import re
+import sys
+
+import torch
+
+from fastcap._layers import resolve_layers
+from fastcap.bench.growth import GROWTH_CASES, memory_growth, memory_growth_one
+from fastcap.bench.measure import (
+    add_link_metrics,
+    compare,
+    measure_memory,
+    noise,
+    paired_ratio,
+    probe_d2h_gbps,
+    relative,
+    time_round,
+)
+from fastcap.bench.methods import (
+    METHOD_LABELS,
+    METHOD_SHORT,
+    METHODS,
+    POLICIES,
+    SAME_WORK,
+    CaptureSpec,
+    Method,
+    make_method,
+    reduce_torch,
+)
+from fastcap.bench.recipes import build_input, build_model
+from fastcap.bench.report import environment, growth_table, jsonable, plot, throughput_table
+
+__all__ = [
+    "add_arguments", "run",
+    "METHODS", "METHOD_LABELS", "METHOD_SHORT", "POLICIES", "SAME_WORK", "CaptureSpec", "Method",
+    "make_method", "reduce_torch", "resolve_layers",
+    "time_round", "measure_memory", "compare", "paired_ratio", "relative", "noise", "add_link_metrics",
+    "probe_d2h_gbps", "GROWTH_CASES", "memory_growth", "memory_growth_one",
+    "build_model", "build_input", "environment", "jsonable", "throughput_table", "growth_table", "plot",
+]
+
+
+# --------------------------------------------------------------------------------------------
+# The command line: fastcap bench
+# --------------------------------------------------------------------------------------------
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the ``fastcap bench`` options to ``parser``."""
+    default_device = "cuda" if torch.cuda.is_available() else "cpu"
+    parser.add_argument("--model", required=True,
+                        help="torchvision:NAME, a torchvision name, module:function, or a TorchScript or "
+                             "torch.save'd module file")
+    parser.add_argument("--weights", default=None, help="a state-dict file for --model (default: random weights)")
+    parser.add_argument("--layers", nargs="+", required=True,
+                        help="layer names or globs, space- or comma-separated, e.g. 'layer*' or layer3,layer4")
+    parser.add_argument("--reduce", choices=("full", "mean", "topk"), default="full", help="default full")
+    parser.add_argument("--k", type=int, default=8, help="k for --reduce topk (default 8)")
+    parser.add_argument("--channel-dim", type=int, default=1, help="channel dim (-1 for sequence models)")
+    parser.add_argument("--batch-size", type=int, default=32, help="default 32")
+    parser.add_argument("--image-size", type=int, default=224, help="input is [batch, 3, size, size] (default 224)")
+    parser.add_argument("--input-shape", default=None,
+                        help="per-sample input shape, comma-separated, instead of 3,size,size (e.g. 128)")
+    parser.add_argument("--int-input", type=int, default=None, metavar="HIGH",
+                        help="feed int64 ids in [0, HIGH) (token ids) instead of normal floats")
+    parser.add_argument("--device", default=default_device, help=f"default {default_device}")
+    parser.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default=None,
+                        help="run the model and its input in this dtype (default: the model's, float32)")
+    parser.add_argument("--channels-last", action="store_true",
+                        help="model and 4-D input in channels_last memory format")
+    parser.add_argument("--methods", default=",".join(METHODS),
+                        help="comma-separated subset of " + ",".join(METHODS))
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved timed rounds per method (default 3)")
+    parser.add_argument("--batches", type=int, default=2, help="timed batches per round (default 2)")
+    parser.add_argument("--warmup", type=int, default=1,
+                        help="untimed batches before timing: every method in round 1, fastcap and fx "
+                             "at every open (default 1)")
+    parser.add_argument("--memory-batches", default="1,10,100",
+                        help="batch counts at which the memory-growth run measures (default 1,10,100)")
+    parser.add_argument("--no-memory-growth", action="store_true", help="skip the memory-growth run")
+    parser.add_argument("--in-process", action="store_true",
+                        help="run the memory-growth cases in this process instead of one fresh process each")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads for CPU runs")
+    parser.add_argument("--out", default=None,
+                        help="output prefix: writes PREFIX.json and PREFIX.png "
+                             "(default fastcap-bench-MODEL-DEVICE-DATE)")
+
+
+def run(args: argparse.Namespace) -> int:
+    """``fastcap bench``: compare the methods on the user's model; print, write JSON and PNG."""
+    def log(msg: str) -> None:
+        print(msg, file=sys.stderr, flush=True)
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        log(f"fastcap bench: unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
+        return 2
+    if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
+        log("fastcap bench: --device cuda but torch sees no CUDA device")
+        return 2
+    shape = ([int(s) for s in args.input_shape.split(",")] if args.input_shape
+             else [3, args.image_size, args.image_size])
+    recipe = {"model": args.model, "weights": args.weights, "device": args.device, "batch": args.batch_size,
+              "shape": shape, "int_high": args.int_input, "dtype": args.dtype,
+              "channels_last": args.channels_last, "seed": 0, "threads": args.threads}
+    names = [name.strip() for arg in args.layers for name in arg.split(",") if name.strip()]
+    layers = names[0] if len(names) == 1 else names
+    spec = CaptureSpec(layers, args.reduce, args.k if args.reduce == "topk" else None, args.channel_dim)
+
+    load_start = [round(v, 2) for v in os.getloadavg()] if hasattr(os, "getloadavg") else None
+    model = build_model(recipe)
+    x = build_input(recipe)
+    resolved = resolve_layers(model, layers)
+    log(f"fastcap bench: {args.model} on {args.device}, batch {args.batch_size}, input {list(x.shape)} "
+        f"{str(x.dtype).replace('torch.', '')}{' channels_last' if args.channels_last else ''}, "
+        f"reduce {args.reduce}, {len(resolved)} layers: {', '.join(list(resolved)[:6])}"
+        f"{' ...' if len(resolved) > 6 else ''}")
+    records = compare(model, x, spec, methods, rounds=args.rounds, warmup=args.warmup, batches=args.batches, log=log)
+
+    growth = None
+    if not args.no_memory_growth:
+        checkpoints = [int(c) for c in args.memory_batches.split(",") if c.strip()]
+        cases = [c for c in GROWTH_CASES if c[0] in methods]
+        del model, x
+        gc.collect()
+        growth = memory_growth(recipe, spec, cases, checkpoints, isolate=not args.in_process, log=log)
+
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", args.model.split(":")[-1].split("/")[-1])
+    prefix = args.out or f"fastcap-bench-{name}-{torch.device(args.device).type}-{datetime.date.today():%Y%m%d}"
+    env = environment()
+    env["load_average_start"] = load_start
+    out = {"environment": env, "config": {**recipe, "layers": layers, "resolved_layers": resolved,
+                                           "reduce": args.reduce, "k": spec.k, "channel_dim": args.channel_dim,
+                                           "rounds": args.rounds, "batches": args.batches, "warmup": args.warmup},
+           "throughput": records, "none_spread": noise(records), "memory_growth": growth}
+    os.makedirs(os.path.dirname(os.path.abspath(prefix)), exist_ok=True)
+    with open(prefix + ".json", "w") as f:
+        json.dump(jsonable(out), f, indent=1)
+    title = (f"{args.model}, {args.device}, batch {args.batch_size}, input {shape} {args.dtype or ''}"
+             f"{' channels_last' if args.channels_last else ''}, reduce={args.reduce}, "
+             f"layers {' '.join(args.layers)} — torch {env['torch']}, {env['date'][:10]}")
+    plot(records, growth, prefix + ".png", title)
+
+    print(f"\nthroughput ({args.rounds} interleaved rounds of {args.batches} batches; x none = time per batch "
+          f"over no capture's)")
+    print(throughput_table(records))
+    spread = noise(records)
+    if spread is not None and spread > 0.05:
+        print(f"warning: no-capture times varied by {spread:.0%} between rounds (a busy machine?); "
+              "ratios within that are noise: rerun with more --rounds")
+    same = relative(records, "fastcap", SAME_WORK[args.reduce])
+    if same is not None:
+        print(f"fastcap / {SAME_WORK[args.reduce]} (the hook doing the same work): {same:.3f}")
+    if growth:
+        print("\nmemory growth (kept: every batch's results referenced; drain: each dropped once drained)")
+        print(growth_table(growth))
+    print(f"\nwrote {prefix}.json and {prefix}.png")
+    return 0

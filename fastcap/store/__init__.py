@@ -1,0 +1,220 @@
+"""Reading an extraction: :func:`open` gives a :class:`Store`, a mapping from key to a
+memory-mapped :class:`LayerArray` in dataset order. The format is in ``_format.py``.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import warnings
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fastcap.store._format import MANIFEST, dataset_order, merge_manifests, read_json
+
+__all__ = ["open", "Store", "LayerArray"]
+
+
+def open(out: str | os.PathLike) -> "Store":  # noqa: A001 - fastcap.open, like np.load
+    """Open the extraction in ``out/`` written by :func:`extract`.
+
+    A finished extraction opens with ``store.complete`` True. An unfinished one (killed, or
+    still running) opens as what its ranks have committed so far, with ``store.complete``
+    False and a ``UserWarning`` saying so.
+
+    Example:
+        >>> store = fastcap.open("feats/")
+        >>> x = store["layer4"]                       # LayerArray [N, 2048], memory-mapped
+        >>> t = torch.from_numpy(x[:1024])            # rows 0..1023 as a tensor
+        >>> store.indices[:3]                         # their dataset indices
+        array([0, 1, 2])
+    """
+    root = Path(out)
+    merged = root / MANIFEST
+    if merged.is_file():
+        return Store(root, read_json(merged))
+    rank_files = sorted(root.glob("rank-*.json"))
+    if not rank_files:
+        raise FileNotFoundError(
+            f"out={str(out)!r} holds no fastcap extraction (no {MANIFEST} and no rank-*.json)"
+        )
+    manifest = merge_manifests([read_json(p) for p in rank_files])
+    store = Store(root, manifest)
+    expected = manifest.get("num_samples")
+    of_total = f" of {expected}" if expected is not None else ""
+    warnings.warn(
+        f"{str(out)!r} holds an unfinished extraction: {len(store.indices)}{of_total} samples "
+        "committed; run extract again with the same arguments to finish it",
+        UserWarning,
+        stacklevel=2,
+    )
+    return store
+
+
+class Store(Mapping):
+    """An extraction on disk: a mapping from key to :class:`LayerArray`, in dataset order.
+
+    Attributes:
+        path: the ``out`` directory.
+        manifest: the parsed manifest (arguments, versions, keys, shards).
+        complete: False when the run that wrote it has not finished.
+        indices: int64 numpy array, the dataset index of every row.
+
+    Example:
+        >>> store = fastcap.open("feats/")
+        >>> list(store)                      # ['layer3', 'layer4']
+        >>> store["layer4"][10:20].mean()
+    """
+
+    def __init__(self, path: Path, manifest: dict):
+        self.path = Path(path)
+        self.manifest = manifest
+        self.complete = bool(manifest.get("complete", False))
+        self._keys = manifest.get("keys", {})
+        self._shards = manifest.get("shards", [])
+        self._arrays: dict[str, LayerArray] = {}  # one per key, so its memory maps are reused
+        self._locate_rows()
+
+    def _locate_rows(self) -> None:
+        """Map each row in dataset order to (shard, row in shard)."""
+        counts = [shard["samples"] for shard in self._shards]
+        order, indices = dataset_order(self._shards, self.manifest.get("num_samples"))
+        shard_of = np.repeat(np.arange(len(counts), dtype=np.int64), counts)
+        starts = np.concatenate([[0], np.cumsum(counts, dtype=np.int64)])[:-1]
+        self.indices = indices[order]
+        self._shard_of = shard_of[order]
+        self._row_of = order - starts[self._shard_of]
+        self._starts = starts
+        self._contiguous = bool(np.array_equal(order, np.arange(len(order))))
+
+    def __getitem__(self, key: str) -> "LayerArray":
+        if key not in self._keys:
+            close = difflib.get_close_matches(key, list(self._keys), n=3)
+            hint = f"; did you mean {close}?" if close else f"; keys: {list(self._keys)}"
+            raise KeyError(f"{key!r} is not in the store at {str(self.path)!r}{hint}")
+        if key not in self._arrays:
+            self._arrays[key] = LayerArray(self, key, self._keys[key])
+        return self._arrays[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def __repr__(self) -> str:
+        state = "complete" if self.complete else "INCOMPLETE"
+        return (f"Store({str(self.path)!r}, {len(self.indices)} samples, {state}, "
+                f"keys={list(self._keys)})")
+
+    def _shard_path(self, shard: int, key: str) -> Path:
+        return self.path / self._shards[shard]["path"] / self._keys[key]["file"]
+
+
+class LayerArray:
+    """One key of a :class:`Store`: an array-like ``[N, ...]`` over memory-mapped shards.
+
+    Indexing the first dimension returns a numpy array: a zero-copy memory map when the rows
+    lie in one shard, else a gathered copy. ``np.asarray(a)`` reads everything;
+    ``a.shards`` lists the per-shard memory maps in file order.
+
+    Example:
+        >>> a = store["layer4"]
+        >>> a.shape, a.dtype
+        ((50000, 2048), dtype('float32'))
+        >>> batch = torch.from_numpy(a[0:256])     # or a.tensor(slice(0, 256))
+    """
+
+    def __init__(self, store: Store, key: str, meta: dict):
+        self._store = store
+        self.key = key
+        self.dtype = np.dtype(meta["dtype"])
+        self.torch_dtype = getattr(torch, meta["torch_dtype"])
+        self.row_shape = tuple(meta["row_shape"])
+        self.shape = (len(store.indices),) + self.row_shape
+        self.ndim = len(self.shape)
+        self._maps: dict[int, np.ndarray] = {}
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __repr__(self) -> str:
+        return f"LayerArray({self.key!r}, shape={self.shape}, dtype={self.dtype})"
+
+    @property
+    def shards(self) -> list[np.ndarray]:
+        """The memory map of every shard, in file order (rank, then shard)."""
+        return [self._map(i) for i in range(len(self._store._shards))]
+
+    def _map(self, shard: int) -> np.ndarray:
+        if shard not in self._maps:
+            # "c": copy-on-write, so torch.from_numpy gets a writable array and disk stays intact.
+            self._maps[shard] = np.load(self._store._shard_path(shard, self.key), mmap_mode="c")
+        return self._maps[shard]
+
+    def __getitem__(self, index):
+        rows, rest = (index[0], index[1:]) if isinstance(index, tuple) else (index, ())
+        if rows is Ellipsis:
+            return self[:][index]
+        n = len(self)
+        if isinstance(rows, (int, np.integer)):
+            if not -n <= rows < n:
+                raise IndexError(f"row {rows} is out of range for {self.key!r} with {n} rows")
+            row = int(rows) % n
+            return self._map(int(self._store._shard_of[row]))[self._store._row_of[row]][rest]
+        if isinstance(rows, slice):
+            start, stop, step = rows.indices(n)
+            if step == 1 and self._store._contiguous:
+                return self._slice(start, max(start, stop))[(slice(None),) + rest]
+            rows = np.arange(start, stop, step)
+        else:
+            rows = np.arange(n)[np.asarray(rows)]
+        return self._gather(rows)[(slice(None),) + rest]
+
+    def _slice(self, start: int, stop: int) -> np.ndarray:
+        """Rows start..stop of a contiguous store: a view when they lie in one shard."""
+        if stop <= start:
+            return np.empty((0,) + self.row_shape, self.dtype)
+        starts = self._store._starts
+        first = int(np.searchsorted(starts, start, side="right")) - 1
+        last = int(np.searchsorted(starts, stop - 1, side="right")) - 1
+        if first == last:
+            return self._map(first)[start - starts[first]:stop - starts[first]]
+        parts = [self._map(s)[max(start - starts[s], 0):stop - starts[s]]
+                 for s in range(first, last + 1)]
+        return np.concatenate(parts)
+
+    def _gather(self, rows: np.ndarray) -> np.ndarray:
+        result = np.empty((len(rows),) + self.row_shape, self.dtype)
+        shards = self._store._shard_of[rows]
+        within = self._store._row_of[rows]
+        for shard in np.unique(shards):
+            pick = shards == shard
+            result[pick] = self._map(int(shard))[within[pick]]
+        return result
+
+    def __array__(self, dtype=None, copy=None):
+        data = self[:]
+        return data if dtype is None else data.astype(dtype)
+
+    def __iter__(self):
+        for row in range(len(self)):
+            yield self[row]
+
+    def tensor(self, rows=slice(None)) -> torch.Tensor:
+        """Rows as a torch tensor of the captured dtype (bfloat16 included).
+
+        Example:
+            >>> store["layer4"].tensor(slice(0, 8)).dtype
+            torch.bfloat16
+        """
+        data = np.ascontiguousarray(self[rows])
+        tensor = torch.from_numpy(data)
+        return tensor if tensor.dtype == self.torch_dtype else tensor.view(self.torch_dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# The extraction run
