@@ -12,7 +12,8 @@ from typing import Any, Callable, Mapping
 import torch
 
 from fastcap._layers import model_device, resolve_layers
-from fastcap.capture import TopK, first_tensor
+from fastcap._slots import TopK
+from fastcap.capture import first_tensor
 
 # Every method produces owned copies of the captured values: the pure-Python baselines use
 # ``copy=True`` where ``.to("cpu")`` on a CPU tensor would otherwise return the live activation,

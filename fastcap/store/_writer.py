@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fastcap.capture import TopK
+from fastcap._slots import TopK
 from fastcap.store._format import (INDICES_SUFFIX, MANIFEST, RAW_BITS, encode_runs, fsync_dir, header,
                                    key_meta, merge_manifests, npy_header, out_error, rank_name, read_json,
                                    write_json_atomic)
