@@ -36,6 +36,8 @@ bool built_with_cuda() {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   namespace py = pybind11;
+  using fastcap::BusyTimeline;
+  using fastcap::HostPool;
   using fastcap::Ring;
   m.doc() = "fastcap's compiled core: ops under torch.ops.fastcap, and the pinned ring.";
   m.def("built_with_cuda", &fastcap::built_with_cuda,
@@ -43,35 +45,70 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("torch_version", [] { return std::string(TORCH_VERSION); },
         "The torch version this extension was compiled against.");
   m.def("live_host_bytes", &fastcap::live_host_bytes,
-        "Host bytes held for every ring (pinned or not), views of slots included.");
+        "Host bytes held for every ring (pinned or not), views of slots included. Blocks "
+        "cached by the host pool, and buffers handed over by take(), do not count.");
   m.def("live_pinned_bytes", &fastcap::live_pinned_bytes,
         "Pinned host bytes held by every ring, views included.");
+  // cudaFreeHost synchronises the device: let other threads run meanwhile.
+  m.def("empty_cache", &fastcap::empty_cache, py::call_guard<py::gil_scoped_release>(),
+        "Frees every block cached by the host pools (pinned and plain); blocks in use stay. "
+        "Returns the bytes freed.");
+  m.def(
+      "pool_stats",
+      [] {
+        const fastcap::HostPoolStats pinned = HostPool::instance(true).stats();
+        const fastcap::HostPoolStats plain = HostPool::instance(false).stats();
+        py::dict d;
+        d["pinned_allocated_bytes"] = pinned.allocated_bytes;
+        d["pinned_cached_bytes"] = pinned.cached_bytes;
+        d["plain_allocated_bytes"] = plain.allocated_bytes;
+        d["plain_cached_bytes"] = plain.cached_bytes;
+        d["allocations"] = pinned.allocations + plain.allocations;
+        d["reuses"] = pinned.reuses + plain.reuses;
+        d["frees"] = pinned.frees + plain.frees;
+        return d;
+      },
+      "The host pools' counters. *_allocated_bytes: blocks the pool owns, in use by rings or "
+      "cached (a buffer handed over by take() has left the pool); *_cached_bytes: the "
+      "cached part. Summed over both pools: allocations (real allocations), reuses "
+      "(requests served from the cache), frees (real frees: empty_cache(), and handed-over "
+      "buffers once their tensor dies).");
 
+  py::class_<BusyTimeline, std::shared_ptr<BusyTimeline>>(
+      m, "BusyTimeline",
+      "The device-to-host copies of the rings sharing it: their busy time as a union of "
+      "intervals per device (overlapping copies count once), and their bytes.")
+      .def(py::init<>())
+      .def("busy_seconds", &BusyTimeline::busy_seconds,
+           "Seconds some copy was running, summed over devices.")
+      .def("bytes", &BusyTimeline::bytes, "Bytes copied.");
+
+  // Only calls that can block let go of the GIL (the consumer may be another Python
+  // thread); the others keep it, which is safe since nothing done under the ring's lock
+  // needs the GIL (see ring.cpp).
   py::class_<Ring>(m, "Ring", "Preallocated host slots that captured activations land in.")
-      .def(py::init<int64_t, bool>(), py::arg("depth"), py::arg("pinned"))
-      // Blocking calls let go of the GIL: the consumer may be another Python thread.
-      .def("acquire", &Ring::acquire, py::arg("nbytes"), py::arg("timeout_s"),
-           py::call_guard<py::gil_scoped_release>())
-      // Every call that takes the ring's lock lets go of the GIL first: a thread holding
-      // the lock may need the GIL (to free a tensor Python saw), never the other way.
-      .def("host", &Ring::host, py::arg("slot"), py::call_guard<py::gil_scoped_release>())
-      .def("staging", &Ring::staging, py::arg("slot"), py::arg("device"),
-           py::call_guard<py::gil_scoped_release>())
-      .def("commit", &Ring::commit, py::arg("slot"), py::arg("nbytes"), py::arg("from_staging"),
-           py::call_guard<py::gil_scoped_release>())
+      .def(py::init<int64_t, bool, std::shared_ptr<BusyTimeline>>(), py::arg("depth"),
+           py::arg("pinned"), py::arg("timeline") = py::none())
+      .def(
+          "acquire",
+          [](Ring& ring, int64_t nbytes, double timeout_s) {
+            if (timeout_s == 0.0) return ring.acquire(nbytes, timeout_s);
+            py::gil_scoped_release no_gil;
+            return ring.acquire(nbytes, timeout_s);
+          },
+          py::arg("nbytes"), py::arg("timeout_s"))
+      .def("host", &Ring::host, py::arg("slot"))
+      .def("staging", &Ring::staging, py::arg("slot"), py::arg("device"))
+      .def("commit", &Ring::commit, py::arg("slot"), py::arg("nbytes"), py::arg("from_staging"))
       .def("wait", &Ring::wait, py::arg("slot"), py::call_guard<py::gil_scoped_release>())
       .def("release", &Ring::release, py::arg("slot"), py::call_guard<py::gil_scoped_release>())
       .def("take", &Ring::take, py::arg("slot"), py::call_guard<py::gil_scoped_release>())
       .def_property_readonly("pinned", &Ring::pinned)
       .def("close", &Ring::close, py::call_guard<py::gil_scoped_release>())
       .def_property_readonly("depth", &Ring::depth)
-      .def("free_slots", &Ring::free_slots, py::call_guard<py::gil_scoped_release>())
+      .def("free_slots", &Ring::free_slots)
       .def("stats", [](const Ring& ring) {
-        fastcap::RingStats s;
-        {
-          py::gil_scoped_release no_gil;
-          s = ring.stats();
-        }
+        const fastcap::RingStats s = ring.stats();
         py::dict d;
         d["slots"] = s.slots;
         d["slot_bytes"] = s.slot_bytes;

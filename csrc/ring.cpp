@@ -1,10 +1,23 @@
+// Locking: only calls that can block let go of the GIL (acquire with a timeout, wait,
+// release, take, close); host, staging, commit, stats and free_slots keep it. That is
+// deadlock-free because nothing done while holding mutex_ needs the GIL, in any method:
+//   - no at::Tensor is destroyed under the lock: a swapped-out staging buffer is moved
+//     to a graveyard that dies after unlock (staging(), close()), and no tensor is made
+//     under it either (views in host() and take(), staging buffers in staging());
+//   - host blocks come from the pool outside the lock (acquire()); blocks let go go back
+//     to the pool after unlock. The pool takes only its own mutex, never the GIL;
+//   - device waits (cudaEventSynchronize) release the lock (wait_copy_locked());
+//   - TORCH_WARN only logs, or queues for Python (never the GIL); close() still warns
+//     about failed copies after unlock;
+//   - the other locks taken under mutex_ (the pool's, the timeline's) never wait for it.
 #include "ring.h"
 
 #include <c10/util/Exception.h>
 
 #include <algorithm>
 #include <chrono>
-#include <cstdlib>
+#include <string>
+#include <utility>
 
 #ifdef FASTCAP_WITH_CUDA
 #include <c10/cuda/CUDAException.h>
@@ -14,15 +27,6 @@
 namespace fastcap {
 
 namespace {
-
-std::atomic<int64_t> g_host_bytes{0};
-std::atomic<int64_t> g_pinned_bytes{0};
-
-// Host slots are aligned so every dtype view of a slot (and the vector loads of the CPU
-// kernels) start on a cache line.
-constexpr int64_t kAlign = 64;
-
-int64_t round_up(int64_t n, int64_t to) { return (n + to - 1) / to * to; }
 
 using Clock = std::chrono::steady_clock;
 
@@ -37,46 +41,51 @@ at::Tensor byte_view(std::shared_ptr<HostBuffer> owner, int64_t bytes) {
 
 }  // namespace
 
-int64_t live_host_bytes() { return g_host_bytes.load(); }
-int64_t live_pinned_bytes() { return g_pinned_bytes.load(); }
-
-HostBuffer::HostBuffer(int64_t n, bool use_pinned)
-    : bytes(round_up(std::max<int64_t>(n, 1), kAlign)), pinned(use_pinned) {
+BusyTimeline::~BusyTimeline() {
 #ifdef FASTCAP_WITH_CUDA
-  if (pinned) {
-    C10_CUDA_CHECK(cudaHostAlloc(&data, bytes, cudaHostAllocDefault));
-  }
-#else
-  TORCH_CHECK(!pinned, "fastcap was built without CUDA: pinned host memory is unavailable");
+  for (auto& [device, ev] : epochs_) C10_CUDA_CHECK_WARN(cudaEventDestroy(ev));
 #endif
-  if (!pinned) {
-    data = std::aligned_alloc(kAlign, bytes);
-    TORCH_CHECK(data != nullptr, "fastcap: out of host memory allocating a ring slot of ", bytes,
-                " bytes");
-  }
-  g_host_bytes += bytes;
-  if (pinned) g_pinned_bytes += bytes;
 }
 
-void HostBuffer::hand_over() {
-  if (!counted) return;
-  counted = false;
-  g_host_bytes -= bytes;
-  if (pinned) g_pinned_bytes -= bytes;
+void BusyTimeline::add(int64_t device, double start_s, double end_s, int64_t bytes) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  busy_[device].add(start_s, end_s);
+  bytes_ += bytes;
 }
 
-HostBuffer::~HostBuffer() {
+double BusyTimeline::busy_seconds() const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  double total = 0.0;
+  for (const auto& [device, u] : busy_) total += u.seconds();
+  return total;
+}
+
+int64_t BusyTimeline::bytes() const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return bytes_;
+}
+
 #ifdef FASTCAP_WITH_CUDA
-  if (pinned) {
-    // Never throw from a destructor: a failed free is reported, not raised.
-    C10_CUDA_CHECK_WARN(cudaFreeHost(data));
-  }
-#endif
-  if (!pinned) std::free(data);
-  hand_over();  // stop counting, if still counted
+void BusyTimeline::ensure_epoch(c10::DeviceIndex device, cudaStream_t stream) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  if (epochs_.count(device) != 0) return;
+  cudaEvent_t ev = nullptr;
+  C10_CUDA_CHECK(cudaEventCreate(&ev));  // with timing: copies are timed against it
+  const cudaError_t err = cudaEventRecord(ev, stream);
+  if (err != cudaSuccess) C10_CUDA_CHECK_WARN(cudaEventDestroy(ev));
+  C10_CUDA_CHECK(err);
+  epochs_.emplace(device, ev);
 }
 
-Ring::Ring(int64_t depth, bool pinned) : pinned_(pinned) {
+cudaEvent_t BusyTimeline::epoch(c10::DeviceIndex device) const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  auto it = epochs_.find(device);
+  return it == epochs_.end() ? nullptr : it->second;
+}
+#endif
+
+Ring::Ring(int64_t depth, bool pinned, std::shared_ptr<BusyTimeline> timeline)
+    : pinned_(pinned), timeline_(std::move(timeline)) {
   TORCH_CHECK_VALUE(depth >= 1, "ring depth must be >= 1, got ", depth);
 #ifndef FASTCAP_WITH_CUDA
   TORCH_CHECK_VALUE(!pinned, "fastcap was built without CUDA: a pinned ring is unavailable");
@@ -99,25 +108,17 @@ Ring::Slot& Ring::slot_locked(int64_t slot, const char* what) {
   return slots_[slot];
 }
 
-void Ring::allocate_locked(Slot& s, int64_t capacity) {
-  // Freeing pinned memory synchronises the device: a grown slot's old buffer waits for
-  // close() instead of stalling the forward that grew it.
-  if (s.host && pinned_) retired_.push_back(std::move(s.host));
-  s.host = std::make_shared<HostBuffer>(capacity, pinned_);
-  s.capacity = capacity;
-  s.staging = at::Tensor();  // re-made at the new size on next use
-}
-
 int64_t Ring::acquire(int64_t nbytes, double timeout_s) {
   TORCH_CHECK_VALUE(nbytes >= 0, "fastcap ring: acquire() needs nbytes >= 0, got ", nbytes);
-  at::Tensor old_staging;  // released after the lock (it may need the GIL)
+  HostPool& pool = HostPool::instance(pinned_);
+  // Declared before the lock, so that buffers not installed, or grown out, go back to
+  // the pool after it is released.
+  std::shared_ptr<HostBuffer> fresh, old;
+  std::vector<std::shared_ptr<HostBuffer>> spare;
   std::unique_lock<std::mutex> lock(mutex_);
   TORCH_CHECK(!closed_, "fastcap ring: acquire() on a closed ring");
-  if (!allocated_) {
-    // Preallocate every slot at once, sized from the first request.
-    for (auto& s : slots_) allocate_locked(s, nbytes);
-    allocated_ = true;
-  }
+  const bool first = !allocated_;
+  allocated_ = true;
 
   auto find_free = [&]() -> int64_t {
     for (int64_t i = 0; i < depth(); ++i) {
@@ -142,46 +143,111 @@ int64_t Ring::acquire(int64_t nbytes, double timeout_s) {
   if (idx < 0) return -1;
 
   Slot& s = slots_[idx];
-  if (!s.host || s.capacity < nbytes) old_staging = std::move(s.staging);
-  if (!s.host) {
-    // The slot's last buffer was handed over by take(): a new one, as large as before.
-    allocate_locked(s, std::max(nbytes, s.capacity));
-  } else if (s.capacity < nbytes) {
-    // A later batch is larger than the first: grow this slot (with headroom, so a
-    // slowly growing batch does not re-allocate every step) rather than overrun it.
-    allocate_locked(s, std::max(nbytes, s.capacity + s.capacity / 4));
-    stats_.resizes += 1;
-  }
-  s.state = State::kWriting;
+  s.state = State::kWriting;  // ours from now on: nobody else touches it while unlocked
   s.nbytes = 0;
   next_ = (idx + 1) % depth();
+  int64_t want = -1;  // the capacity to get from the pool; -1: the slot's buffer fits
+  const bool grow = s.capacity > 0 && s.capacity < nbytes;
+  if (grow) {
+    // A later batch is larger than the first: grow this slot (with headroom, so a
+    // slowly growing batch does not re-allocate every step) rather than overrun it.
+    want = std::max(nbytes, s.capacity + s.capacity / 4);
+  } else if (!s.host) {
+    // No buffer yet, or the last one was handed over by take(): one as large as before.
+    want = std::max(nbytes, s.capacity);
+  }
+  // The first acquire preallocates every other free slot too, sized from this request.
+  std::vector<int64_t> others;
+  if (first) {
+    for (int64_t j = 0; j < depth(); ++j) {
+      if (j != idx && slots_[j].state == State::kFree && !slots_[j].host) others.push_back(j);
+    }
+  }
+  if (want < 0 && others.empty()) return idx;
+
+  // Unlocked while the pool allocates (cudaHostAlloc can take milliseconds).
+  lock.unlock();
+  try {
+    if (want >= 0) fresh = pool.allocate(want);
+    for (size_t i = 0; i < others.size(); ++i) spare.push_back(pool.allocate(nbytes));
+  } catch (...) {
+    lock.lock();
+    if (!closed_) s.state = State::kFree;
+    lock.unlock();
+    freed_.notify_all();
+    throw;
+  }
+  lock.lock();
+  TORCH_CHECK(!closed_, "fastcap ring: closed while acquire() was allocating");
+  if (fresh) {
+    old = std::move(s.host);
+    s.host = std::move(fresh);
+    s.capacity = s.host->bytes;
+    if (grow) stats_.resizes += 1;
+  }
+  for (size_t i = 0; i < others.size(); ++i) {
+    // Another acquire may have taken that slot meanwhile, with a buffer of its own.
+    Slot& o = slots_[others[i]];
+    if (o.state == State::kFree && !o.host) {
+      o.host = std::move(spare[i]);
+      o.capacity = o.host->bytes;
+    }
+  }
   return idx;
 }
 
 at::Tensor Ring::host(int64_t slot) {
-  std::lock_guard<std::mutex> lock(mutex_);
-  Slot& s = slot_locked(slot, "host");
-  TORCH_CHECK(s.host, "fastcap ring: host(): slot ", slot, " has no memory yet (acquire first)");
-  return byte_view(s.host, s.capacity);
+  std::shared_ptr<HostBuffer> buf;
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    Slot& s = slot_locked(slot, "host");
+    TORCH_CHECK(s.host, "fastcap ring: host(): slot ", slot, " has no memory yet (acquire first)");
+    buf = s.host;
+  }
+  const int64_t bytes = buf->bytes;
+  return byte_view(std::move(buf), bytes);
 }
 
 at::Tensor Ring::staging(int64_t slot, const at::Device& device) {
 #ifdef FASTCAP_WITH_CUDA
   TORCH_CHECK_VALUE(device.is_cuda(), "fastcap ring: staging() needs a CUDA device, got ", device);
-  std::lock_guard<std::mutex> lock(mutex_);
-  slot_locked(slot, "staging");
-  // The first CUDA capture preallocates every slot's staging buffer (re-made only when a
-  // slot grew or the device changed), from the caching allocator, so it shows in
-  // torch.cuda.memory_allocated() and is returned when the ring closes.
-  for (auto& s : slots_) {
-    // A committed slot's staging may still be read by its copy: never swap it then.
-    if (s.host && s.state != State::kCommitted &&
-        (!s.staging.defined() || s.staging.device() != device || s.staging.numel() < s.capacity)) {
-      s.staging = at::empty({std::max<int64_t>(s.capacity, 1)},
-                            at::TensorOptions().dtype(at::kByte).device(device));
+  // Declared before the lock: swapped-out and unused buffers die after it is released.
+  std::vector<at::Tensor> graveyard;
+  std::vector<std::pair<int64_t, at::Tensor>> made;
+  std::unique_lock<std::mutex> lock(mutex_);
+  Slot& s = slot_locked(slot, "staging");
+  TORCH_CHECK(s.state == State::kWriting, "fastcap ring: staging(): slot ", slot, " was not acquired");
+  if (s.staging.defined() && s.staging.device() == device && s.staging.numel() >= s.capacity) {
+    return s.staging;
+  }
+  // Only this slot's buffer is swapped: another thread may be writing into another's (or
+  // its copy reading it). Free slots that have none yet get one now, like the host slots.
+  std::vector<std::pair<int64_t, int64_t>> want = {{slot, s.capacity}};
+  for (int64_t j = 0; j < depth(); ++j) {
+    const Slot& o = slots_[j];
+    if (j != slot && o.state == State::kFree && o.host && !o.staging.defined()) want.emplace_back(j, o.capacity);
+  }
+  lock.unlock();
+  // From the caching allocator, so it shows in torch.cuda.memory_allocated() and is
+  // returned when the ring closes.
+  for (const auto& [j, capacity] : want) {
+    made.emplace_back(j, at::empty({std::max<int64_t>(capacity, 1)},
+                                   at::TensorOptions().dtype(at::kByte).device(device)));
+  }
+  lock.lock();
+  TORCH_CHECK(!closed_, "fastcap ring: closed while staging() was allocating");
+  for (auto& [j, buf] : made) {
+    Slot& o = slots_[j];
+    const bool fits = buf.numel() >= o.capacity;
+    if (j == slot ? (o.state == State::kWriting && fits)
+                  : (o.state == State::kFree && !o.staging.defined() && fits)) {
+      graveyard.push_back(std::move(o.staging));
+      o.staging = std::move(buf);
     }
   }
-  return slots_[slot].staging;
+  TORCH_CHECK(s.staging.defined() && s.staging.device() == device && s.staging.numel() >= s.capacity,
+              "fastcap ring: staging(): slot ", slot, " changed while its staging was allocated");
+  return s.staging;
 #else
   (void)slot;
   TORCH_CHECK(false, "fastcap was built without CUDA: cannot stage on ", device);
@@ -226,6 +292,9 @@ void Ring::commit(int64_t slot, int64_t nbytes, bool from_staging) {
   }
   cudaStream_t compute = c10::cuda::getCurrentCUDAStream(dev).stream();  // comp stream
   cudaStream_t side = it->second.stream();                                // copy stream
+  // Copies are placed on the timeline relative to this device's epoch, recorded once,
+  // before the first of them.
+  if (timeline_) timeline_->ensure_epoch(dev, side);
   // The side stream waits for the hook's kernel on the compute stream and nothing
   // else: the forward keeps running while the bytes travel.
   C10_CUDA_CHECK(cudaEventRecord(s.compute_done, compute));
@@ -246,14 +315,19 @@ void Ring::wait_copy_locked(Slot& s, std::unique_lock<std::mutex>& lock) {
 #ifdef FASTCAP_WITH_CUDA
   if (!s.copy_pending) return;
   cudaEvent_t start = s.copy_start, done = s.copy_done;
+  cudaEvent_t epoch = timeline_ ? timeline_->epoch(s.event_device) : nullptr;
+  const c10::DeviceIndex device = s.event_device;
   const int64_t nbytes = s.nbytes;
   // Do not hold the lock across a device wait: the producer may need it meanwhile. The
   // waiter count keeps close() from destroying the events under us.
   ++s.waiters;
   lock.unlock();
   cudaError_t err = cudaEventSynchronize(done);
-  float ms = 0.f;
+  float ms = 0.f, since_epoch_ms = 0.f;
   if (err == cudaSuccess) err = cudaEventElapsedTime(&ms, start, done);
+  // The epoch may sit on another ring's side stream: it need not have passed yet.
+  if (err == cudaSuccess && epoch != nullptr) err = cudaEventSynchronize(epoch);
+  if (err == cudaSuccess && epoch != nullptr) err = cudaEventElapsedTime(&since_epoch_ms, epoch, start);
   lock.lock();
   --s.waiters;
   freed_.notify_all();
@@ -262,6 +336,12 @@ void Ring::wait_copy_locked(Slot& s, std::unique_lock<std::mutex>& lock) {
     s.copy_pending = false;
     stats_.d2h_bytes += nbytes;
     stats_.d2h_seconds += ms / 1000.0;
+    if (epoch != nullptr) {
+      // end = start + the copy's own elapsed time, not elapsed(epoch, done): a float of
+      // ms since the epoch loses precision as the run goes on, the copy's length need not.
+      const double start_s = since_epoch_ms / 1000.0;
+      timeline_->add(device, start_s, start_s + ms / 1000.0, nbytes);
+    }
   }
 #else
   (void)s;
@@ -290,33 +370,37 @@ void Ring::release(int64_t slot) {
 }
 
 at::Tensor Ring::take(int64_t slot) {
+  std::shared_ptr<HostBuffer> owner;
   std::unique_lock<std::mutex> lock(mutex_);
   Slot& s = slot_locked(slot, "take");
   TORCH_CHECK(!pinned_, "fastcap ring: take() is for plain rings; a pinned slot is copied out");
   TORCH_CHECK(s.state == State::kCommitted, "fastcap ring: take(): slot ", slot, " was not committed");
   wait_copy_locked(s, lock);
-  std::shared_ptr<HostBuffer> owner = std::move(s.host);
-  owner->hand_over();
-  const int64_t capacity = s.capacity;
+  owner = std::move(s.host);
+  const int64_t nbytes = s.nbytes;
   s.state = State::kFree;
   s.nbytes = 0;
   lock.unlock();
   freed_.notify_all();
-  return byte_view(std::move(owner), capacity);
+  // The result tensor owns the buffer now: freed, not cached, when it dies. Its storage
+  // is the committed bytes only (torch.save of it writes no more).
+  owner->detach();
+  return byte_view(std::move(owner), nbytes);
 }
 
 void Ring::close() {
-  // Buffers die after the lock is released: freeing pinned memory or a staging tensor
-  // can block (cudaFreeHost) or need the GIL (a tensor Python saw).
+  // Buffers die after the lock is released: a staging tensor Python saw may need the
+  // GIL. Host blocks go back to the pool (no cudaFreeHost, no device sync).
   std::vector<std::shared_ptr<HostBuffer>> host_graveyard;
   std::vector<at::Tensor> staging_graveyard;
+  std::vector<std::string> warnings;
   std::unique_lock<std::mutex> lock(mutex_);
   if (closed_) return;
   for (auto& s : slots_) {
     try {
       wait_copy_locked(s, lock);
     } catch (const std::exception& e) {
-      TORCH_WARN("fastcap ring: a device-to-host copy failed while closing: ", e.what());
+      warnings.emplace_back(e.what());
     }
   }
 #ifdef FASTCAP_WITH_CUDA
@@ -337,14 +421,15 @@ void Ring::close() {
     s.capacity = 0;
     s.state = State::kFree;
   }
-  for (auto& b : retired_) host_graveyard.push_back(std::move(b));
-  retired_.clear();
 #ifdef FASTCAP_WITH_CUDA
   side_streams_.clear();
 #endif
   closed_ = true;
   lock.unlock();
   freed_.notify_all();
+  for (const auto& w : warnings) {
+    TORCH_WARN("fastcap ring: a device-to-host copy failed while closing: ", w);
+  }
 }
 
 int64_t Ring::free_slots() const {

@@ -2,9 +2,9 @@
 //
 // One Ring serves one capture key (a layer, or one call of a layer). Each forward pass
 // takes one slot, writes into it, and commits it; a consumer later waits for the slot's
-// data, copies it out and releases the slot for reuse. Slots are allocated once, all at
-// the first acquire and sized from that first request; a later, larger request re-sizes
-// the slot it gets instead of overrunning it.
+// data, copies it out and releases the slot for reuse. Slot buffers come from the host
+// pool (host_pool.h), all at the first acquire and sized from that first request; a
+// later, larger request re-sizes the slot it gets instead of overrunning it.
 //
 // On a machine with CUDA the host memory is pinned and each slot also owns a device
 // staging buffer: the hook writes (reduces or snapshots) into the staging buffer on the
@@ -22,6 +22,9 @@
 #include <mutex>
 #include <vector>
 
+#include "host_pool.h"
+#include "intervals.h"
+
 #ifdef FASTCAP_WITH_CUDA
 #include <c10/cuda/CUDAStream.h>  // light include: streams only (no cuSPARSE/cuBLAS headers)
 #include <cuda_runtime_api.h>
@@ -29,27 +32,36 @@
 
 namespace fastcap {
 
-// Bytes of host memory held for rings right now (pinned and plain): a ring's slots, and
-// views of them still alive. A buffer handed over by take() is the user's, and no longer
-// counted. A leak shows up here.
-int64_t live_host_bytes();
-int64_t live_pinned_bytes();
+// The D2H copy engines' busy time, shared by rings: per device the union of the copies'
+// [start, end) intervals (overlapping copies of several rings count once), and the bytes.
+// Thread-safe. On CUDA, times are measured from a per-device epoch event.
+class BusyTimeline {
+ public:
+  BusyTimeline() = default;
+  ~BusyTimeline();
+  BusyTimeline(const BusyTimeline&) = delete;
+  BusyTimeline& operator=(const BusyTimeline&) = delete;
 
-// One host allocation; frees itself (and updates the live counters) when the last
-// owner - the ring or a tensor view handed to Python - lets go.
-struct HostBuffer {
-  HostBuffer(int64_t bytes, bool pinned);
-  ~HostBuffer();
-  HostBuffer(const HostBuffer&) = delete;
-  HostBuffer& operator=(const HostBuffer&) = delete;
+  // One copy on `device`, [start_s, end_s) in seconds since the device's epoch.
+  void add(int64_t device, double start_s, double end_s, int64_t bytes);
+  double busy_seconds() const;  // summed over devices
+  int64_t bytes() const;
 
-  // Stops counting this buffer as ring memory: it now belongs to a result tensor.
-  void hand_over();
+#ifdef FASTCAP_WITH_CUDA
+  // Records the device's epoch event on `stream` the first time the device is seen
+  // (the current device must be `device`); later calls do nothing.
+  void ensure_epoch(c10::DeviceIndex device, cudaStream_t stream);
+  // The device's epoch event, or nullptr before ensure_epoch().
+  cudaEvent_t epoch(c10::DeviceIndex device) const;
+#endif
 
-  void* data = nullptr;
-  int64_t bytes = 0;
-  bool pinned = false;
-  bool counted = true;
+ private:
+  mutable std::mutex mutex_;
+  std::map<int64_t, IntervalUnion> busy_;
+  int64_t bytes_ = 0;
+#ifdef FASTCAP_WITH_CUDA
+  std::map<c10::DeviceIndex, cudaEvent_t> epochs_;
+#endif
 };
 
 struct RingStats {
@@ -60,7 +72,7 @@ struct RingStats {
   int64_t device_bytes = 0;    // device staging owned by the ring
   int64_t commits = 0;
   int64_t bytes_captured = 0;  // bytes committed, over the ring's life
-  int64_t resizes = 0;
+  int64_t resizes = 0;         // slot buffers grown for a larger request
   double stall_seconds = 0.0;  // time acquire() waited for a free slot
   int64_t d2h_bytes = 0;       // bytes copied device -> host on the side stream
   double d2h_seconds = 0.0;    // device time of those copies (CUDA events)
@@ -69,7 +81,8 @@ struct RingStats {
 class Ring {
  public:
   // depth: number of slots. pinned: use pinned host memory (needs a CUDA device).
-  Ring(int64_t depth, bool pinned);
+  // timeline: where the ring's D2H copies are also recorded (may be shared; optional).
+  Ring(int64_t depth, bool pinned, std::shared_ptr<BusyTimeline> timeline = nullptr);
   ~Ring();
   Ring(const Ring&) = delete;
   Ring& operator=(const Ring&) = delete;
@@ -82,7 +95,9 @@ class Ring {
   // A uint8 view of the slot's host memory [capacity]. The view keeps the memory alive.
   at::Tensor host(int64_t slot);
 
-  // A uint8 view of the slot's device staging buffer on `device` [capacity].
+  // A uint8 view of the slot's device staging buffer on `device` [capacity]. The slot
+  // must be acquired (not yet committed). Only this slot's staging is (re)made: another
+  // thread may be writing into another slot's.
   at::Tensor staging(int64_t slot, const at::Device& device);
 
   // Marks the slot's first nbytes written. from_staging: the bytes are in the staging
@@ -97,13 +112,15 @@ class Ring {
   void release(int64_t slot);
 
   // Waits for a committed slot like wait(), then hands its host memory over as a uint8
-  // tensor [capacity] and frees the slot, which gets a new buffer at its next acquire.
-  // The consumer reads the bytes where the op wrote them: no copy out. Plain (not
-  // pinned) rings only: a pinned buffer is too costly to re-allocate per step.
+  // tensor [nbytes] (the committed bytes) and frees the slot, which gets a new buffer at
+  // its next acquire. The buffer is detached from the pool: the tensor owns it. The
+  // consumer reads the bytes where the op wrote them: no copy out. Plain (not pinned)
+  // rings only: a pinned buffer is too costly to re-allocate per step.
   at::Tensor take(int64_t slot);
 
-  // Waits for in-flight copies, frees every buffer the ring owns and wakes any waiter.
-  // Views handed out earlier stay valid (they own their memory). Idempotent.
+  // Waits for in-flight copies, gives every buffer the ring owns back (host blocks to the
+  // pool, staging to the caching allocator) and wakes any waiter. Views handed out
+  // earlier stay valid (they own their memory). Idempotent.
   void close();
 
   int64_t depth() const { return static_cast<int64_t>(slots_.size()); }
@@ -116,7 +133,7 @@ class Ring {
 
   struct Slot {
     std::shared_ptr<HostBuffer> host;
-    int64_t capacity = 0;
+    int64_t capacity = 0;  // host->bytes; kept after take(), so the next buffer is as large
     State state = State::kFree;
     int64_t nbytes = 0;
     at::Tensor staging;  // device buffer; undefined until a CUDA capture needs it
@@ -131,16 +148,15 @@ class Ring {
   };
 
   Slot& slot_locked(int64_t slot, const char* what);
-  void allocate_locked(Slot& s, int64_t capacity);
   void wait_copy_locked(Slot& s, std::unique_lock<std::mutex>& lock);
 
   const bool pinned_;
+  const std::shared_ptr<BusyTimeline> timeline_;  // may be null
   mutable std::mutex mutex_;
   std::condition_variable freed_;
   std::vector<Slot> slots_;
-  std::vector<std::shared_ptr<HostBuffer>> retired_;  // grown-out pinned buffers, freed by close()
   int64_t next_ = 0;  // where the search for a free slot starts: keeps reuse FIFO
-  bool allocated_ = false;
+  bool allocated_ = false;  // the first acquire (which preallocates every slot) happened
   bool closed_ = false;
   RingStats stats_;
 #ifdef FASTCAP_WITH_CUDA

@@ -7,6 +7,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <limits>
 #include <type_traits>
 #include <vector>
@@ -56,7 +57,9 @@ struct CompensatedSum {
   void add(acc_t v) {
     const acc_t y = v - carry;
     const acc_t t = sum + y;
-    carry = (t - sum) - y;
+    // Once the total is inf or nan, (t - sum) would be inf - inf = nan: no carry then,
+    // so infinities and nans propagate as in a plain sum (and as in torch.mean).
+    carry = std::isfinite(t) ? (t - sum) - y : acc_t(0);
     sum = t;
   }
 };

@@ -1,6 +1,7 @@
 // C++ tests of the ring (run by ctest): wraparound, backpressure, resize, close.
 #include "ring.h"
 
+#include <atomic>
 #include <chrono>
 #include <cstdio>
 #include <cstring>
@@ -76,25 +77,29 @@ void backpressure_waits_for_consumer() {
 
 void resize_grows_instead_of_overrunning() {
   fastcap::Ring ring(2, false);
-  int64_t a = ring.acquire(100, 0.0);
-  EXPECT(ring.stats().slot_bytes == 100);
+  int64_t a = ring.acquire(5000, 0.0);
+  EXPECT(ring.stats().slot_bytes == 5120);  // the pool's bucket for 5000 bytes
+  EXPECT(ring.acquire(4000, 0.0) >= 0);     // fits the preallocated slot: no resize
+  EXPECT(ring.stats().resizes == 0);
+  ring.commit(1 - a, 0, false);
+  ring.release(1 - a);
   at::Tensor old_view = ring.host(a);
-  std::memset(old_view.data_ptr(), 7, 100);
-  ring.commit(a, 100, false);
+  std::memset(old_view.data_ptr(), 7, 5000);
+  ring.commit(a, 5000, false);
   ring.release(a);
-  int64_t b = ring.acquire(1000, 0.0);  // the other slot, grown
-  EXPECT(ring.host(b).numel() >= 1000);
-  ring.commit(b, 1000, false);
+  int64_t b = ring.acquire(10000, 0.0);  // one slot, grown
+  EXPECT(b == a && ring.host(b).numel() >= 10000);
+  ring.commit(b, 10000, false);
   ring.release(b);
-  int64_t c = ring.acquire(1000, 0.0);  // slot a, grown too
-  EXPECT(c == a);
-  EXPECT(ring.host(c).numel() >= 1000);
+  int64_t c = ring.acquire(10000, 0.0);  // the other, grown too
+  EXPECT(c == 1 - a);
+  EXPECT(ring.host(c).numel() >= 10000);
   EXPECT(ring.stats().resizes == 2);
   // The view taken before the resize still owns its (old) memory.
-  EXPECT(old_view.data_ptr<uint8_t>()[99] == 7);
+  EXPECT(old_view.data_ptr<uint8_t>()[4999] == 7);
   bool threw = false;
   try {
-    ring.commit(c, 5000, false);  // more than the slot holds
+    ring.commit(c, 50000, false);  // more than the slot holds
   } catch (const c10::Error&) {
     threw = true;
   }
@@ -129,17 +134,62 @@ void take_hands_the_buffer_over() {
   const int64_t before = fastcap::live_host_bytes();
   fastcap::Ring ring(1, false);
   int64_t a = ring.acquire(256, 0.0);
+  const int64_t capacity = ring.host(a).numel();
+  EXPECT(capacity == 4096);  // the smallest bucket
   std::memset(ring.host(a).data_ptr(), 3, 256);
-  ring.commit(a, 256, false);
+  ring.commit(a, 200, false);
   at::Tensor taken = ring.take(a);  // the slot is free again, its bytes are ours
   EXPECT(ring.free_slots() == 1);
-  EXPECT(taken.numel() == 256 && taken.data_ptr<uint8_t>()[255] == 3);
-  EXPECT(fastcap::live_host_bytes() == before);  // handed over: not ring memory any more
+  // Exactly the committed bytes: the storage is no larger either.
+  EXPECT(taken.numel() == 200 && taken.data_ptr<uint8_t>()[199] == 3);
+  EXPECT(taken.storage().nbytes() == 200);
+  EXPECT(fastcap::live_host_bytes() == before);  // detached: not ring memory any more
   int64_t b = ring.acquire(128, 0.0);               // a fresh buffer, as large as before
-  EXPECT(b == a && ring.host(b).numel() == 256);
-  std::memset(ring.host(b).data_ptr(), 9, 256);
+  EXPECT(b == a && ring.host(b).numel() == capacity);
+  std::memset(ring.host(b).data_ptr(), 9, capacity);
   EXPECT(taken.data_ptr<uint8_t>()[0] == 3);        // the taken bytes are untouched
   EXPECT(ring.stats().resizes == 0);
+  ring.commit(b, 0, false);
+  EXPECT(ring.take(b).numel() == 0);
+  EXPECT(ring.acquire(2 * capacity, 0.0) == b);  // larger than before: a resize
+  EXPECT(ring.host(b).numel() >= 2 * capacity && ring.stats().resizes == 1);
+  ring.close();
+  EXPECT(fastcap::live_host_bytes() == before);
+}
+
+// Producers on several threads, each growing its batch now and then, and one consumer:
+// slots are allocated outside the ring's lock, so this checks the re-lock and install.
+void concurrent_producers_and_growth() {
+  const int64_t before = fastcap::live_host_bytes();
+  {
+    fastcap::Ring ring(3, false);
+    std::vector<std::thread> producers;
+    std::atomic<int64_t> committed{0};
+    for (int t = 0; t < 4; ++t) {
+      producers.emplace_back([&, t] {
+        for (int i = 0; i < 200; ++i) {
+          const int64_t n = 1000 + 700 * ((i + t) % 16);
+          const int64_t slot = ring.acquire(n, -1.0);
+          at::Tensor h = ring.host(slot);
+          if (h.numel() < n) {
+            ++failures;
+            std::fprintf(stderr, "slot %ld holds %ld < %ld bytes\n", long(slot), long(h.numel()), long(n));
+          }
+          std::memset(h.data_ptr(), t, n);
+          ring.commit(slot, n, false);
+          ring.wait(slot);
+          if (h.data_ptr<uint8_t>()[n - 1] != t) ++failures;
+          ring.release(slot);
+          ++committed;
+        }
+      });
+    }
+    for (auto& p : producers) p.join();
+    EXPECT(committed.load() == 800);
+    EXPECT(ring.stats().commits == 800);
+    EXPECT(ring.free_slots() == 3);
+  }
+  EXPECT(fastcap::live_host_bytes() == before);
 }
 
 }  // namespace
@@ -152,6 +202,7 @@ int main() {
       {"resize_grows_instead_of_overrunning", resize_grows_instead_of_overrunning},
       {"close_frees_and_wakes", close_frees_and_wakes},
       {"take_hands_the_buffer_over", take_hands_the_buffer_over},
+      {"concurrent_producers_and_growth", concurrent_producers_and_growth},
   };
   for (const auto& [name, fn] : tests) {
     const int before = failures;

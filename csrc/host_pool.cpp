@@ -1,0 +1,188 @@
+#include "host_pool.h"
+
+#include <c10/util/Exception.h>
+
+#include <cstdlib>
+#include <utility>
+
+#ifdef FASTCAP_WITH_CUDA
+#include <c10/cuda/CUDAException.h>
+#include <cuda_runtime_api.h>
+#endif
+
+namespace fastcap {
+
+namespace {
+
+std::atomic<int64_t> g_host_bytes{0};
+std::atomic<int64_t> g_pinned_bytes{0};
+
+// Every block starts on a cache line, so every dtype view of a slot (and the vector
+// loads of the CPU kernels) does too.
+constexpr int64_t kAlign = 64;
+constexpr int64_t kMinBucket = 4096;
+constexpr int64_t kMaxBytes = int64_t{1} << 62;
+
+void count_live(int64_t bytes, bool pinned) {
+  g_host_bytes += bytes;
+  if (pinned) g_pinned_bytes += bytes;
+}
+
+}  // namespace
+
+int64_t live_host_bytes() { return g_host_bytes.load(); }
+int64_t live_pinned_bytes() { return g_pinned_bytes.load(); }
+
+HostBuffer::HostBuffer(HostPool* pool, void* d, int64_t n, bool use_pinned)
+    : data(d), bytes(n), pinned(use_pinned), pool_(pool) {
+  count_live(bytes, pinned);
+}
+
+void HostBuffer::detach() {
+  if (detached_.exchange(true)) return;
+  count_live(-bytes, pinned);
+  pool_->forget(bytes);
+}
+
+HostBuffer::~HostBuffer() {
+  if (detached_.load()) {
+    pool_->free_detached(data, bytes);
+  } else {
+    count_live(-bytes, pinned);
+    pool_->give_back(data, bytes);
+  }
+}
+
+HostPool& HostPool::instance(bool pinned) {
+  static HostPool* const plain_pool = new HostPool(false);
+  static HostPool* const pinned_pool = new HostPool(true);
+  return pinned ? *pinned_pool : *plain_pool;
+}
+
+int64_t HostPool::bucket_size(int64_t bytes) {
+  TORCH_CHECK_VALUE(bytes >= 0 && bytes <= kMaxBytes, "fastcap host pool: cannot allocate ", bytes,
+                    " bytes");
+  if (bytes <= kMinBucket) return kMinBucket;
+  const int k = 63 - __builtin_clzll(static_cast<unsigned long long>(bytes));
+  const int64_t base = int64_t{1} << k, step = base / 4;  // step >= 1024: a multiple of kAlign
+  return base + (bytes - base + step - 1) / step * step;
+}
+
+std::shared_ptr<HostBuffer> HostPool::allocate(int64_t bytes) {
+  const int64_t capacity = bucket_size(bytes);
+  void* data = nullptr;
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    auto it = free_.find(capacity);
+    if (it != free_.end() && !it->second.empty()) {
+      data = it->second.back();  // the most recently used block: likely still in cache
+      it->second.pop_back();
+      stats_.cached_bytes -= capacity;
+      stats_.reuses += 1;
+    }
+  }
+  if (data == nullptr) {
+    // Outside the lock: a pinned allocation can take milliseconds.
+#ifdef FASTCAP_WITH_CUDA
+    if (pinned_) {
+      cudaError_t err = cudaHostAlloc(&data, capacity, cudaHostAllocDefault);
+      if (err != cudaSuccess) {
+        // Out of pinned memory: give back what the cache holds, then try once more.
+        (void)cudaGetLastError();
+        release_cached();
+        err = cudaHostAlloc(&data, capacity, cudaHostAllocDefault);
+      }
+      C10_CUDA_CHECK(err);
+    }
+#else
+    TORCH_CHECK(!pinned_, "fastcap was built without CUDA: pinned host memory is unavailable");
+#endif
+    if (!pinned_) {
+      data = std::aligned_alloc(kAlign, capacity);
+      if (data == nullptr) {
+        release_cached();
+        data = std::aligned_alloc(kAlign, capacity);
+      }
+      TORCH_CHECK(data != nullptr, "fastcap: out of host memory allocating a ring slot of ", capacity,
+                  " bytes");
+    }
+    std::lock_guard<std::mutex> lock(mutex_);
+    stats_.allocations += 1;
+    stats_.allocated_bytes += capacity;
+  }
+  try {
+    return std::shared_ptr<HostBuffer>(new HostBuffer(this, data, capacity, pinned_));
+  } catch (...) {
+    give_back(data, capacity);
+    throw;
+  }
+}
+
+void HostPool::give_back(void* data, int64_t bytes) {
+  std::unique_lock<std::mutex> lock(mutex_);
+  try {
+    free_[bytes].push_back(data);
+  } catch (...) {  // no memory left to cache it: free it instead (never throw from here)
+    stats_.allocated_bytes -= bytes;
+    stats_.frees += 1;
+    lock.unlock();
+    free_block(data);
+    return;
+  }
+  stats_.cached_bytes += bytes;
+}
+
+void HostPool::forget(int64_t bytes) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  stats_.allocated_bytes -= bytes;
+}
+
+void HostPool::free_detached(void* data, int64_t bytes) {
+  (void)bytes;
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    stats_.frees += 1;
+  }
+  free_block(data);
+}
+
+void HostPool::free_block(void* data) const {
+#ifdef FASTCAP_WITH_CUDA
+  if (pinned_) {
+    // Never throw (this runs in destructors): a failed free is reported, not raised.
+    C10_CUDA_CHECK_WARN(cudaFreeHost(data));
+    return;
+  }
+#endif
+  std::free(data);
+}
+
+int64_t HostPool::release_cached() {
+  std::vector<void*> blocks;
+  int64_t freed = 0;
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    for (auto& [bytes, list] : free_) {
+      freed += bytes * static_cast<int64_t>(list.size());
+      blocks.insert(blocks.end(), list.begin(), list.end());
+    }
+    free_.clear();
+    stats_.cached_bytes -= freed;
+    stats_.allocated_bytes -= freed;
+    stats_.frees += static_cast<int64_t>(blocks.size());
+  }
+  // After the lock: cudaFreeHost synchronises the device.
+  for (void* b : blocks) free_block(b);
+  return freed;
+}
+
+HostPoolStats HostPool::stats() const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return stats_;
+}
+
+int64_t empty_cache() {
+  return HostPool::instance(true).release_cached() + HostPool::instance(false).release_cached();
+}
+
+}  // namespace fastcap
