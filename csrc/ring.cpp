@@ -378,6 +378,7 @@ at::Tensor Ring::take(int64_t slot) {
   wait_copy_locked(s, lock);
   owner = std::move(s.host);
   const int64_t nbytes = s.nbytes;
+  const int64_t capacity = s.capacity;
   s.state = State::kFree;
   s.nbytes = 0;
   lock.unlock();
@@ -385,7 +386,17 @@ at::Tensor Ring::take(int64_t slot) {
   // The result tensor owns the buffer now: freed, not cached, when it dies. Its storage
   // is the committed bytes only (torch.save of it writes no more).
   owner->detach();
-  return byte_view(std::move(owner), nbytes);
+  at::Tensor out = byte_view(std::move(owner), nbytes);
+  // Give the slot its next buffer here, on the consumer's thread, so that the forward's
+  // next acquire() finds it ready. Unless a forward took the slot (and a buffer) meanwhile.
+  std::shared_ptr<HostBuffer> fresh = HostPool::instance(pinned_).allocate(capacity);
+  lock.lock();
+  if (!closed_ && s.state == State::kFree && !s.host) {
+    s.host = std::move(fresh);
+    s.capacity = s.host->bytes;
+  }
+  lock.unlock();
+  return out;  // an unused `fresh` goes back to the pool here, after the lock
 }
 
 void Ring::close() {
