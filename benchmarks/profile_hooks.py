@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from fastcap import bench
-from fastcap.capture import first_tensor
+from fastcap._outputs import first_tensor
 
 
 def _median_ms(fn, repeats: int) -> float:

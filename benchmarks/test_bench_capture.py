@@ -86,8 +86,19 @@ def _grid_cases():
         for model in CONFIGS[device]["grid"]:
             yield pytest.param(device, model, None, "none", id=f"{device}-{model}-none")
             for reduce in REDUCES:
-                for method in METHODS[1:]:
+                for method in (*METHODS[1:], THREAD):
                     yield pytest.param(device, model, reduce, method, id=f"{device}-{model}-{reduce}-{method}")
+
+
+#: fastcap with collect=False and a consumer thread draining while the model runs (extract's
+#: pattern): the case where the forward waits only if the consumer falls behind.
+THREAD = "fastcap_thread"
+
+
+def _make(method_name: str, spec: CaptureSpec):
+    if method_name == THREAD:
+        return make_method("fastcap", spec, policy="thread")
+    return make_method(method_name, spec)
 
 
 @pytest.mark.parametrize("device, model_name, reduce, method_name", list(_grid_cases()))
@@ -105,7 +116,7 @@ def test_throughput(benchmark, bench_models, none_baselines, device, model_name,
     batches, rounds = cfg["grid_batches"], cfg["grid_rounds"]
     spec = _spec(recipe, reduce or "full")
     key = (device, model_name)
-    method = make_method(method_name, spec)
+    method = _make(method_name, spec)
     none = make_method("none", spec)
     none_times: list[float] = []
 
@@ -141,7 +152,9 @@ def test_throughput(benchmark, bench_models, none_baselines, device, model_name,
     timed = [d / batches for d in benchmark.stats.stats.data]
     paired = [t / n for t, n in zip(timed, none_times[warmup_rounds:])]
     base = statistics.median(none_times[warmup_rounds:])
-    record = {"kind": "throughput", "method": method_name, "label": bench.METHOD_LABELS[method_name],
+    label = ("fastcap.capture(collect=False), a consumer thread drains" if method_name == THREAD
+             else bench.METHOD_LABELS[method_name])
+    record = {"kind": "throughput", "method": method_name, "label": label,
               **_describe(device, model_name, recipe, reduce), "batches_per_round": batches,
               "seconds_per_batch": per_batch, "items_per_s": recipe["batch"] / per_batch,
               "none_seconds_per_batch": base, "overhead_ratio": statistics.median(paired),

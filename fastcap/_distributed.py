@@ -42,7 +42,7 @@ class ProcessGroup:
         if self.rank == 0:
             try:
                 function()
-            except (OSError, ValueError) as caught:
+            except Exception as caught:  # every rank raises it
                 error = caught
         if self.world_size > 1:
             box = [error]

@@ -27,6 +27,7 @@ class Layer:
     channel_dim: int
     dtype: Optional[torch.dtype]
     select: Any  # None, an int, a str key or a callable: which tensor of the output
+    keep_layout: bool = True  # full: keep a dense layout (channels_last); False: contiguous
 
 
 def _part_regex(part: str) -> str:
@@ -74,7 +75,11 @@ def glob_to_regex(pattern: str) -> "re.Pattern[str]":
             pieces.append(r".+" if len(parts) == 1 else (r"(?:[^.]+\.)*" if not last else r"[^.]+(?:\.[^.]+)*"))
             continue
         pieces.append(_part_regex(part) + ("" if last else r"\."))
-    return re.compile("".join(pieces))
+    try:
+        return re.compile("".join(pieces))
+    except re.error as exc:  # "layer[]", "layer[z-a]", "[!]"
+        raise ValueError(f"layer pattern {pattern!r} is not a valid glob: {exc.msg} in its "
+                         "[...] set; write [abc], [a-z] or [!abc]") from None
 
 
 def _suggest(name: str, names: Sequence[str]) -> str:
@@ -110,6 +115,8 @@ def resolve_layers(model: nn.Module, layers: LayerSpec) -> Dict[str, str]:
     names = [n for n, _ in model.named_modules() if n]
     resolved: Dict[str, str] = {}
     if isinstance(layers, Mapping):
+        if not layers:
+            raise ValueError("layers is empty: name at least one module to capture")
         for alias, pattern in layers.items():
             if not isinstance(alias, str):
                 raise TypeError(f"layer aliases must be str, got {type(alias).__name__}: {alias!r}")
@@ -134,17 +141,19 @@ def resolve_layers(model: nn.Module, layers: LayerSpec) -> Dict[str, str]:
 
 def per_layer(option: str, value: Any, resolved: Mapping[str, str], default: Any,
               check: Callable[[str, Any], None]) -> Dict[str, Any]:
-    """Spreads an option given once or as ``{layer: value}`` (keyed by capture key or module
-    name) over every capture key, checking each value."""
+    """Spreads an option given once or as ``{key: value}`` over every capture key, checking
+    each value. A dict is keyed by capture key (the module name, or its alias) only: an
+    alias that happens to equal another module's name never takes that module's options."""
     out: Dict[str, Any] = {}
     if isinstance(value, Mapping):
-        by_module = {m: key for key, m in resolved.items()}
         for name in value:
-            if name not in resolved and name not in by_module:
-                raise ValueError(f"{option}={{{name!r}: ...}} names a layer that is not captured; "
+            if name not in resolved:
+                aliased = [key for key, module in resolved.items() if module == name]
+                hint = f" (it is captured as {aliased[0]!r}: use that key)" if aliased else ""
+                raise ValueError(f"{option}={{{name!r}: ...}} names a layer that is not captured{hint}; "
                                  f"captured: {list(resolved)}")
-        for key, module_name in resolved.items():
-            v = value.get(key, value.get(module_name, default))
+        for key in resolved:
+            v = value.get(key, default)
             check(key, v)
             out[key] = v
     else:

@@ -1,14 +1,17 @@
 """The Python half of the ring: how one captured activation is laid out in a ring slot
-(:func:`plan_parts`), the item that stands for it while it is there (:class:`Item`), and its
-hand-off to host tensors (:meth:`Item.materialize`)."""
+(:func:`plan_parts`), the op that writes it there (:func:`write_slot`), the item that stands
+for it while it is there (:class:`Item`), and its hand-off to host tensors
+(:meth:`Item.materialize`, or :meth:`Item.host_views` for a consumer that reads in place)."""
 from __future__ import annotations
 
 import threading
+import time
 from dataclasses import dataclass
-from typing import List, NamedTuple, Optional, Tuple, Union
+from typing import Callable, List, NamedTuple, Optional, Tuple, Union
 
 import torch
 
+from fastcap import _ops
 from fastcap._layers import Layer
 
 ALIGN = 64  # byte alignment of each tensor inside a slot
@@ -73,7 +76,7 @@ def plan_parts(layer: Layer, x: torch.Tensor) -> List[Part]:
                          "activations need a batch dim")
     if layer.mode == "full":
         dtype = layer.dtype or x.dtype
-        outs = [(shape, dense_strides(x), dtype)]
+        outs = [(shape, dense_strides(x) if layer.keep_layout else contiguous_strides(shape), dtype)]
     else:
         if x.dim() < 2 or not -x.dim() <= layer.channel_dim < x.dim() or layer.channel_dim in (0, -x.dim()):
             raise ValueError(f"layer {layer.key!r}: channel_dim={layer.channel_dim} does not fit its "
@@ -99,37 +102,107 @@ def plan_parts(layer: Layer, x: torch.Tensor) -> List[Part]:
     return parts
 
 
+def slot_bytes(parts: List[Part]) -> int:
+    """Bytes a slot needs for these parts."""
+    return parts[-1].offset + parts[-1].nbytes
+
+
+def write_slot(ring, slot: int, layer: Layer, x: torch.Tensor, parts: List[Part]) -> None:
+    """Runs the layer's op from ``x`` straight into the slot (its device staging buffer on
+    CUDA, its host memory on CPU) and commits it; on CUDA the commit queues the
+    device-to-host copy on the side stream. The slot is released again on any error."""
+    on_device = x.is_cuda
+    try:
+        buf = ring.staging(slot, x.device) if on_device else ring.host(slot)
+        dst = [p.view(buf) for p in parts]
+        if layer.mode == "full":
+            _ops.copy_into(x, dst[0])
+        elif layer.mode == "mean":
+            _ops.mean_into(x, layer.channel_dim, dst[0])
+        else:
+            _ops.topk_into(x, layer.k, layer.channel_dim, dst[0], dst[1])
+        del buf, dst
+        ring.commit(slot, slot_bytes(parts), on_device)
+    except BaseException:
+        ring.release(slot)
+        raise
+
+
+#: Called after a materialization that moved bytes: (seconds it took).
+OnCopied = Callable[[float], None]
+
+
 class Item:
-    """One captured activation: in a ring slot until materialized, then host tensors."""
+    """One captured activation: in a ring slot until it is handed off, then host tensors.
+
+    A consumer either materializes it (host tensors of its own, the slot freed) or, to read
+    the bytes in place (extract's writer), takes :meth:`host_views` and then :meth:`release`.
+    """
 
     __slots__ = ("ring", "slot", "parts", "mode", "value", "_lock")
 
     def __init__(self, ring, slot: int, parts: List[Part], mode: str):
         self.ring, self.slot, self.parts, self.mode = ring, slot, parts, mode
         self.value: Optional[Captured] = None
-        # close() (forward thread) and drain() (a consumer thread) may both reach here.
+        # The collector, a drain() in another thread and close() may all reach an item.
         self._lock = threading.Lock()
 
-    def materialize(self) -> Captured:
-        """Waits for the slot's bytes, copies them out, and frees the slot (once)."""
-        with self._lock:
-            return self._materialize_locked()
+    @property
+    def pending(self) -> bool:
+        """Still in its slot: neither materialized nor released."""
+        return self.ring is not None
 
-    def _materialize_locked(self) -> Captured:
-        if self.value is None:
+    def materialize(self, on_copied: Optional[OnCopied] = None) -> Captured:
+        """Waits for the slot's bytes, moves them into host tensors of their own, and frees
+        the slot; once (later calls return the same value)."""
+        with self._lock:
+            if self.value is None and self.ring is not None:
+                start = time.perf_counter()
+                self.value = self._copy_out()
+                self.ring = None
+                if on_copied is not None:
+                    on_copied(time.perf_counter() - start)
+            if self.value is None:
+                raise RuntimeError("fastcap: this activation was released without being copied out")
+            return self.value
+
+    def _copy_out(self) -> Captured:
+        ring = self.ring
+        if ring.pinned:
+            # Pinned memory is precious and stays in the ring: copy the bytes out.
+            # clone() keeps a dense layout (channels_last stays channels_last).
+            ring.wait(self.slot)
+            host = ring.host(self.slot)
+            tensors = [p.view(host).clone() for p in self.parts]
+            del host
+            ring.release(self.slot)
+        else:
+            # Plain memory: the slot's buffer itself becomes the result, no second copy (the
+            # slot gets a new one at its next acquire). Its storage is exactly the committed
+            # bytes; several parts (top-k) are cloned apart so each owns only its own bytes.
+            host = ring.take(self.slot)
+            tensors = [p.view(host) for p in self.parts]
+            if len(tensors) > 1:
+                tensors = [t.clone() for t in tensors]
+            del host
+        return TopK(*tensors) if self.mode == "topk" else tensors[0]
+
+    def host_views(self) -> List[torch.Tensor]:
+        """The item's tensors as views of ring host memory, once its bytes have landed; valid
+        until :meth:`release`. No copy."""
+        with self._lock:
+            if self.ring is None:
+                raise RuntimeError("fastcap: host_views() of an activation already handed off")
             if self.ring.pinned:
-                # Pinned memory is precious and stays in the ring: copy the bytes out.
-                # clone() keeps a dense layout (channels_last stays channels_last).
                 self.ring.wait(self.slot)
                 host = self.ring.host(self.slot)
-                tensors = [p.view(host).clone() for p in self.parts]
-                del host
-                self.ring.release(self.slot)
             else:
-                # Plain memory: the slot's buffer itself becomes the result (no second
-                # copy); the slot gets a new buffer at its next acquire.
-                host = self.ring.take(self.slot)
-                tensors = [p.view(host) for p in self.parts]
-            self.ring = None
-            self.value = TopK(*tensors) if self.mode == "topk" else tensors[0]
-        return self.value
+                host = self.ring.take(self.slot)  # the buffer is ours now: release() is moot
+            return [p.view(host) for p in self.parts]
+
+    def release(self) -> None:
+        """Frees the slot after :meth:`host_views` (its bytes are no longer needed)."""
+        with self._lock:
+            ring, self.ring = self.ring, None
+            if ring is not None and ring.pinned:
+                ring.release(self.slot)

@@ -30,9 +30,10 @@ from torch.utils.data import Dataset, IterableDataset
 from fastcap._distributed import ProcessGroup
 from fastcap._layers import model_device
 from fastcap._sources import batch_size, make_source, to_device
-from fastcap.capture import capture
+from fastcap.capture import build_capture
 from fastcap.store import Store, open
-from fastcap.store._format import MANIFEST, is_ours, out_error, read_json
+from fastcap.store._format import LOCK, MANIFEST, is_ours, out_error, read_json
+from fastcap.store._lock import OutLock
 from fastcap.store._writer import RankDir, ShardWriter, write_merged_manifest
 
 __all__ = ["extract"]
@@ -108,17 +109,28 @@ def extract_with_stats(model, data, layers, reduce, *, out, k, channel_dim, dtyp
     """:func:`extract`, also returning run statistics (for the command line summary)."""
     _check_arguments(model, data, out, shard_size, depth)
     # Built first so that bad layers/reduce/k fail before out is touched; hooks come later.
-    cap = capture(model, layers, reduce, k=k, channel_dim=channel_dim, dtype=dtype,
-                  select=select, depth=depth, _backpressure=True)
+    # The writer thread is the consumer (collect=False: the forward waits for it, so host memory
+    # stays bounded), and full captures are laid out contiguously: rows go from the slot to the
+    # .npy file as they are.
+    cap = build_capture(model, layers, reduce, k=k, channel_dim=channel_dim, dtype=dtype,
+                        select=select, depth=depth, collect=False, keep_layout=False)
     device = model_device(model)
     group = ProcessGroup.join(device)
+    lock = None
     try:
         source = make_source(data, group.rank, group.world_size)
         args = _fingerprint(model, source, layers, reduce, k, channel_dim, dtype, select,
                             shard_size, group.world_size)
         group.check_same(args["model"], "model parameters")
         root = Path(out)
-        group.run_on_rank0(lambda: _prepare_out(root, args, overwrite))
+
+        def prepare() -> None:
+            nonlocal lock
+            _make_out(root)
+            lock = OutLock.acquire(root)
+            _prepare_out(root, args, overwrite)
+
+        group.run_on_rank0(prepare)
         rank_dir = RankDir.open(root, group.rank, args, source.num_samples)
         stats = _run_rank(model, cap, device, source, rank_dir, shard_size,
                           _show_progress(progress, group.rank), forward or _default_forward)
@@ -129,6 +141,8 @@ def extract_with_stats(model, data, layers, reduce, *, out, k, channel_dim, dtyp
         stats.update(rank=group.rank, world_size=group.world_size)
         return open(root), stats
     finally:
+        if lock is not None:
+            lock.release()
         group.leave()
 
 
@@ -169,10 +183,9 @@ def _run_rank(model, cap, device, source, rank_dir, shard_size, show_progress, f
               desc="extract", disable=not show_progress, file=sys.stderr, dynamic_ncols=True) as bar:
         with torch.inference_mode(), cap:
             _forward_all(model, cap, batches, writer, device, forward, bar)
-            stats["stall_seconds"] = float(cap.stats().get("stall_seconds", 0.0))
-        # Steps the writer thread had not drained when the loop ended (still in flight on
-        # CUDA) are finished by the capture's exit and handed out by result().
-        writer.finish(cap.result() if writer.pending else {})
+            stats["capture"] = cap.stats()
+            stats["stall_seconds"] = stats["capture"]["forward_wait_seconds"]
+        writer.finish()
     stats.update(samples=writer.samples, seconds=time.perf_counter() - started,
                  bytes_written=writer.bytes_written, shards_written=writer.shards_written,
                  max_pending_steps=writer.max_pending)
@@ -183,11 +196,21 @@ def _forward_all(model, cap, batches, writer: "ShardWriter", device, forward, ba
     """The forward loop: the writer thread drains ``cap`` while this thread runs the model."""
     writer.start(cap)
     try:
-        for batch, indices, positions in batches:
+        for number, (batch, indices, positions) in enumerate(batches):
             writer.raise_if_failed()
             size = len(indices) if indices is not None else batch_size(batch)
-            writer.submit(size, indices, positions)  # before the forward: the writer pairs them
+            before = cap.steps_finished
             forward(model, to_device(batch, device))
+            cap.end_step()  # a forward that called submodules directly made one step too
+            made = cap.steps_finished - before
+            if made != 1:
+                # Rows must belong to their items: steps are paired with batches one to one.
+                which = f"dataset indices {indices[0]}..{indices[-1]}" if indices is not None else f"batch {number}"
+                raise RuntimeError(
+                    f"extract: the forward of {which} ran the model {made} times; extract pairs each "
+                    "batch with exactly one call of the model (one step): a custom forward= must "
+                    "call the model once per batch")
+            writer.submit(size, indices, positions)  # the step just made is this batch's
             bar.update(size)
         writer.stop()
     except BaseException:
@@ -257,12 +280,15 @@ def _model_digest(model: torch.nn.Module) -> str:
     return digest.hexdigest()[:32]
 
 
-def _prepare_out(root: Path, args: dict, overwrite: bool) -> None:
-    """Create ``out``; refuse (or, with overwrite, clear) an extraction with other arguments."""
+def _make_out(root: Path) -> None:
     try:
         root.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise out_error(root, error, "cannot create it") from error
+
+
+def _prepare_out(root: Path, args: dict, overwrite: bool) -> None:
+    """Refuse (or, with overwrite, clear) an extraction in ``out`` with other arguments."""
     existing = _existing_arguments(root)
     if existing is None:
         foreign = [p.name for p in root.iterdir() if not is_ours(p)]
@@ -314,7 +340,7 @@ def _mismatch_message(root: Path, existing: dict, args: dict) -> str:
 
 def _remove_extraction(root: Path) -> None:
     for path in root.iterdir():
-        if not is_ours(path):
+        if not is_ours(path) or path.name.startswith(LOCK):
             continue
         if path.is_dir():
             shutil.rmtree(path)

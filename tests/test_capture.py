@@ -225,7 +225,7 @@ def test_variable_batch_sizes_and_empty_batch(device):
     with torch.no_grad():
         ref, _ = reference_capture(model, names, lambda: [model(x) for x in xs if len(x)])
         for reduce in ("full", "mean", "topk"):
-            with fastcap.capture(model, names, reduce=reduce, k=4) as cap:
+            with fastcap.capture(model, names, reduce=reduce, k=4 if reduce == "topk" else None) as cap:
                 for x in xs:
                     model(x)
                 assert cap.stats()["resizes"] > 0  # 7 and 9 outgrow the slots sized for 2
@@ -244,7 +244,7 @@ def test_empty_batch_alone():
     model = nn.Sequential(nn.Conv2d(3, 4, 1))
     x = torch.randn(0, 3, 5, 5)
     for reduce, shape in (("full", (0, 4, 5, 5)), ("mean", (0, 4)), ("topk", (0, 2, 5, 5))):
-        with fastcap.capture(model, "0", reduce=reduce, k=2) as cap:
+        with fastcap.capture(model, "0", reduce=reduce, k=2 if reduce == "topk" else None) as cap:
             model(x)
         got = cap.result()["0"]
         got = got.values if reduce == "topk" else got
@@ -333,7 +333,7 @@ def test_consumer_thread_with_backpressure():
     model = nn.Sequential(nn.Identity())
     xs = [torch.full((2, 3), float(i)) for i in range(30)]
     got, done = [], threading.Event()
-    cap = fastcap.capture(model, "0", depth=2, _backpressure=True)
+    cap = fastcap.capture(model, "0", depth=2, collect=False)
 
     def consume():
         while not done.is_set() or len(got) < len(xs):
@@ -405,10 +405,10 @@ def test_leaving_the_with_block_while_another_thread_copies_a_step_out(monkeypat
     original = slots_module.Item.materialize
     claimed = threading.Event()
 
-    def slow_materialize(item):
+    def slow_materialize(item, *args, **kwargs):
         claimed.set()
         threading.Event().wait(0.2)
-        return original(item)
+        return original(item, *args, **kwargs)
 
     monkeypatch.setattr(slots_module.Item, "materialize", slow_materialize)
     model = nn.Sequential(nn.Identity())

@@ -109,6 +109,7 @@ GROWTH_CASES = (
     ("nonblocking", "kept"),
     ("fx", "kept"),
     ("fastcap", "drain"),
+    ("fastcap", "thread"),
     ("fastcap", "kept"),
 )
 
@@ -154,7 +155,7 @@ def memory_growth(
 def _held_bytes(method: Method, kept: list) -> int:
     """Bytes of captured results referenced: ``kept``, plus what fastcap holds undrained."""
     held = tensor_bytes(kept)
-    if isinstance(method, Fastcap) and method.policy != "drain":
+    if isinstance(method, Fastcap) and method.policy == "kept":
         held += int(method.stats().get("bytes_captured", 0) or 0)
     return held
 

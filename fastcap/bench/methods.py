@@ -6,6 +6,8 @@ from __future__ import annotations
 import abc
 import dataclasses
 import functools
+import threading
+import time
 import weakref
 from typing import Any, Callable, Mapping
 
@@ -13,7 +15,7 @@ import torch
 
 from fastcap._layers import model_device, resolve_layers
 from fastcap._slots import TopK
-from fastcap.capture import first_tensor
+from fastcap._outputs import first_tensor
 
 # Every method produces owned copies of the captured values: the pure-Python baselines use
 # ``copy=True`` where ``.to("cpu")`` on a CPU tensor would otherwise return the live activation,
@@ -45,8 +47,9 @@ METHOD_SHORT = {
 #: What a method does with the results it captured, in the memory-growth measurement.
 #: ``kept``: every batch's results stay referenced (the list the pure-Python hook appends to, or
 #: ``cap.result()`` for fastcap); ``drain``: ``for step in cap.drain()`` after each batch, each
-#: step dropped once handed out.
-POLICIES = ("kept", "drain")
+#: step dropped once handed out; ``thread``: fastcap with ``collect=False`` drained by a consumer
+#: thread while the model runs.
+POLICIES = ("kept", "drain", "thread")
 
 #: The pure-Python hook doing the same work as fastcap, per reduce mode: what fastcap must not
 #: be slower than.
@@ -317,7 +320,9 @@ class FeatureExtractor(Method):
 
 class Fastcap(Method):
     """``fastcap.capture``; ``drain`` policy: ``cap.drain()`` after every batch (the steps are
-    handed to the caller); ``kept`` policy: nothing is drained, ``cap.result()`` holds it all."""
+    handed to the caller); ``kept`` policy: nothing is drained, ``cap.result()`` holds it all;
+    ``thread`` policy: ``collect=False`` and a consumer thread of the caller's drains while the
+    model runs (extract's pattern)."""
 
     name = "fastcap"
     needs_warmup = True
@@ -331,15 +336,45 @@ class Fastcap(Method):
 
         super().open(model)
         self._ctx = fastcap.capture(
-            model, self.spec.layers, reduce=self.spec.reduce, k=self.spec.k, channel_dim=self.spec.channel_dim
+            model, self.spec.layers, reduce=self.spec.reduce, k=self.spec.k, channel_dim=self.spec.channel_dim,
+            collect=self.policy != "thread",
         )
         self._cap = self._ctx.__enter__()
         self._last_stats: dict = {}
+        self._forwards = 0
+        if self.policy == "thread":
+            self._drained: list[dict] = []
+            self._drained_count = 0
+            self._stop = threading.Event()
+            self._consumer = threading.Thread(target=self._consume, name="bench-consumer", daemon=True)
+            self._consumer.start()
+
+    def _consume(self):
+        while not self._stop.is_set():
+            got = list(self._cap.drain())
+            self._drained.extend(got)  # list.extend is atomic under the GIL
+            self._drained_count += len(got)
+            if not got:
+                self._stop.wait(0.0005)
+
+    def forward(self, x):
+        self._forwards += 1
+        return super().forward(x)
 
     def collect(self):
+        if self.policy == "thread":
+            got, self._drained[:] = list(self._drained), []
+            return got
         if self.policy != "drain":
             return []
         return list(self._cap.drain())
+
+    def finish(self):
+        sync(model_device(self.model))
+        if self.policy == "thread":
+            while self._drained_count < self._forwards and self._consumer.is_alive():
+                time.sleep(0.0005)
+        return self.collect()
 
     def stats(self):
         if self.model is not None:
@@ -359,6 +394,9 @@ class Fastcap(Method):
 
     def close(self):
         self.stats()
+        if self.policy == "thread":
+            self._stop.set()
+            self._consumer.join()
         self._ctx.__exit__(None, None, None)
         super().close()
 

@@ -4,16 +4,19 @@ memory-mapped :class:`LayerArray` in dataset order. The format is in ``_format.p
 
 from __future__ import annotations
 
+import builtins
 import difflib
 import os
+import struct
 import warnings
+import zlib
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from fastcap.store._format import MANIFEST, dataset_order, merge_manifests, read_json
+from fastcap.store._format import MANIFEST, dataset_order, merge_manifests, read_manifest
 
 __all__ = ["open", "Store", "LayerArray"]
 
@@ -35,13 +38,13 @@ def open(out: str | os.PathLike) -> "Store":  # noqa: A001 - fastcap.open, like 
     root = Path(out)
     merged = root / MANIFEST
     if merged.is_file():
-        return Store(root, read_json(merged))
+        return Store(root, read_manifest(merged))
     rank_files = sorted(root.glob("rank-*.json"))
     if not rank_files:
         raise FileNotFoundError(
             f"out={str(out)!r} holds no fastcap extraction (no {MANIFEST} and no rank-*.json)"
         )
-    manifest = merge_manifests([read_json(p) for p in rank_files])
+    manifest = merge_manifests([read_manifest(p) for p in rank_files])
     store = Store(root, manifest)
     expected = manifest.get("num_samples")
     of_total = f" of {expected}" if expected is not None else ""
@@ -76,7 +79,50 @@ class Store(Mapping):
         self._keys = manifest.get("keys", {})
         self._shards = manifest.get("shards", [])
         self._arrays: dict[str, LayerArray] = {}  # one per key, so its memory maps are reused
+        self._check_sizes()
         self._locate_rows()
+
+    def _files(self) -> Iterator[tuple[Path, dict | None]]:
+        """Every shard file with its manifest record (size, crc32; None in format 1)."""
+        for shard in self._shards:
+            records = shard.get("files")
+            for meta in self._keys.values():
+                record = records.get(meta["file"], {"bytes": -1}) if records is not None else None
+                yield self.path / shard["path"] / meta["file"], record
+
+    def _check_sizes(self) -> None:
+        """A missing or truncated shard file is an error naming it (cheap: one stat each)."""
+        for path, record in self._files():
+            try:
+                size = path.stat().st_size
+            except FileNotFoundError:
+                raise ValueError(f"{str(path)!r} is missing: the store at {str(self.path)!r} is "
+                                 "incomplete or damaged; rerun extract to rewrite it") from None
+            if record is not None and size != record["bytes"]:
+                raise ValueError(f"{str(path)!r} has {size} bytes where the manifest records "
+                                 f"{record['bytes']}: it is truncated or was replaced; rerun extract "
+                                 "with overwrite=True to rewrite the store")
+
+    def verify(self) -> None:
+        """Reads every shard file and checks it against the crc32 the manifest recorded when it
+        was written; raises ValueError naming the first file that differs.
+
+        Example:
+            >>> fastcap.open("feats/").verify()      # silent when every byte is as written
+        """
+        for path, record in self._files():
+            if record is None:
+                continue  # written before checksums were recorded
+            with builtins.open(path, "rb") as file:
+                major, _ = np.lib.format.read_magic(file)  # the crc32 covers the data after the header
+                (header_len,) = struct.unpack("<H" if major == 1 else "<I", file.read(2 if major == 1 else 4))
+                file.seek(header_len, os.SEEK_CUR)
+                crc = 0
+                while chunk := file.read(1 << 24):
+                    crc = zlib.crc32(chunk, crc)
+            if crc != record["crc32"]:
+                raise ValueError(f"{str(path)!r} is corrupt: its data's crc32 is {crc:#010x}, the "
+                                 f"manifest recorded {record['crc32']:#010x} when it was written")
 
     def _locate_rows(self) -> None:
         """Map each row in dataset order to (shard, row in shard)."""

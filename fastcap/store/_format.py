@@ -26,8 +26,9 @@ import numpy as np
 import torch
 
 FORMAT = "fastcap-extract"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: each shard records its files' sizes and crc32s
 MANIFEST = "manifest.json"
+LOCK = ".lock"  # held by the run writing out/ (store/_lock.py)
 INDICES_SUFFIX = ".indices"
 # Unsigned integer dtypes used to store the raw bits of dtypes numpy lacks (bfloat16, float8).
 RAW_BITS = {1: torch.uint8, 2: torch.uint16, 4: torch.uint32, 8: torch.uint64}
@@ -130,6 +131,25 @@ def read_json(path: Path) -> dict:
         raise ValueError(f"{str(path)!r} is not a valid fastcap manifest: {error}") from error
 
 
+def read_manifest(path: Path) -> dict:
+    """A manifest (merged or one rank's), checked to be fastcap's: a ValueError naming the file
+    otherwise."""
+    manifest = read_json(path)
+    problem = None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        problem = f"its format is {manifest.get('format') if isinstance(manifest, dict) else None!r}, not {FORMAT!r}"
+    elif manifest.get("format_version") not in (1, FORMAT_VERSION):
+        problem = (f"it has format_version {manifest.get('format_version')!r}; this fastcap reads 1 to "
+                   f"{FORMAT_VERSION}")
+    else:
+        missing = [field for field in ("args", "keys", "shards") if not isinstance(manifest.get(field), (dict, list))]
+        if missing:
+            problem = f"it lacks {', '.join(missing)}"
+    if problem:
+        raise ValueError(f"{str(path)!r} is not a fastcap manifest: {problem}")
+    return manifest
+
+
 def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -169,7 +189,7 @@ def decode_runs(runs: list) -> np.ndarray:
 def is_ours(path: Path) -> bool:
     """Whether ``path`` (an entry of ``out/``) belongs to an extraction."""
     name = path.name
-    return name.startswith("rank-") or name.startswith(MANIFEST)
+    return name.startswith("rank-") or name.startswith(MANIFEST) or name.startswith(LOCK)
 
 
 def out_error(root: Path, error: OSError, what: str) -> OSError:

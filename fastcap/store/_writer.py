@@ -9,6 +9,7 @@ import builtins
 import os
 import shutil
 import threading
+import zlib
 from collections import deque
 from collections.abc import Mapping
 from pathlib import Path
@@ -16,7 +17,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fastcap._slots import TopK
 from fastcap.store._format import (INDICES_SUFFIX, MANIFEST, RAW_BITS, encode_runs, fsync_dir, header,
                                    key_meta, merge_manifests, npy_header, out_error, rank_name, read_json,
                                    write_json_atomic)
@@ -77,32 +77,45 @@ class RankDir:
 
 
 class NpyStream:
-    """A ``.npy`` file appended block by block; its fixed-size header is rewritten on close."""
+    """A ``.npy`` file appended block by block; its fixed-size header is rewritten on close.
+
+    The data's crc32 is computed while writing, for the manifest (no second pass)."""
 
     def __init__(self, path: Path, dtype: np.dtype, row_shape: tuple):
         self.path = path
         self.dtype = dtype
         self.row_shape = row_shape
         self.rows = 0
+        self.crc32 = 0
         self._header_size = len(npy_header(dtype, (10**15, *row_shape)))
+        self.nbytes = self._header_size
         self._file = builtins.open(path, "wb")
         self._file.write(npy_header(dtype, (0, *row_shape), self._header_size))
 
     def write(self, array: np.ndarray) -> int:
-        array = np.ascontiguousarray(array)
-        self._file.write(array.reshape(-1).view(np.uint8))
+        data = np.ascontiguousarray(array).reshape(-1).view(np.uint8)
+        self._file.write(data)
+        self.crc32 = zlib.crc32(data, self.crc32)
         self.rows += array.shape[0]
-        return array.nbytes
+        self.nbytes += data.nbytes
+        return data.nbytes
 
-    def close(self) -> None:
+    def close(self) -> dict:
+        """Finish the file; returns its manifest entry (size in bytes, crc32 of the data)."""
         self._file.seek(0)
         self._file.write(npy_header(self.dtype, (self.rows, *self.row_shape), self._header_size))
         self._file.flush()
         os.fsync(self._file.fileno())
         self._file.close()
+        return {"bytes": self.nbytes, "crc32": self.crc32}
 
     def discard(self) -> None:
-        self._file.close()
+        """Close without finishing, ignoring errors: this is clean-up after a failure, whose
+        error is the one to report (on a full disk the close's own flush fails again)."""
+        try:
+            self._file.close()
+        except OSError:
+            pass
 
 
 class Shard:
@@ -115,27 +128,24 @@ class Shard:
         self.tmp.mkdir()
         self.streams: dict[str, NpyStream] = {}
         self.samples = 0
-        self.batches = 0
-        self.indices: list[np.ndarray] = []
-        self.positions: list[np.ndarray] = []
+        self.step_rows: list[int] = []  # rows of each step appended, in order
 
-    def append(self, arrays: dict[str, np.ndarray], indices: np.ndarray, positions: np.ndarray) -> int:
+    def append(self, arrays: dict[str, np.ndarray], rows: int) -> int:
+        """Append one step's rows; its batch's indices come at :meth:`commit`."""
         written = 0
         for key, array in arrays.items():
             meta = self.rank_dir.state["keys"][key]
             if key not in self.streams:
                 self.streams[key] = NpyStream(self.tmp / meta["file"], array.dtype, tuple(meta["row_shape"]))
             written += self.streams[key].write(array)
-        self.samples += len(indices)
-        self.batches += 1
-        self.indices.append(indices)
-        self.positions.append(positions)
+        self.samples += rows
+        self.step_rows.append(rows)
         return written
 
-    def commit(self) -> None:
-        """Close, fsync, rename into place, then name the shard in the rank manifest."""
-        for stream in self.streams.values():
-            stream.close()
+    def commit(self, indices: np.ndarray, positions: np.ndarray) -> None:
+        """Close, fsync, rename into place, then name the shard in the rank manifest, with the
+        dataset indices (and global positions) of its rows."""
+        files = {stream.path.name: stream.close() for stream in self.streams.values()}
         fsync_dir(self.tmp)
         final = self.rank_dir.dir / self.name
         os.replace(self.tmp, final)
@@ -144,9 +154,10 @@ class Shard:
         shards.append({
             "path": f"{self.rank_dir.dir.name}/{self.name}",
             "samples": self.samples,
-            "batches": self.batches,
-            "indices": encode_runs(np.concatenate(self.indices)),
-            "positions": encode_runs(np.concatenate(self.positions)),
+            "batches": len(self.step_rows),
+            "indices": encode_runs(indices),
+            "positions": encode_runs(positions),
+            "files": files,
         })
         try:
             self.rank_dir.save()
@@ -161,12 +172,15 @@ class Shard:
 
 
 class ShardWriter:
-    """Drains finished capture steps on its own thread and writes them into shards.
+    """Drains finished capture steps on its own thread and writes them into shards, straight
+    from the ring's host memory (device -> pinned -> file: no other copy).
 
-    The main thread calls :meth:`submit` before each forward (so the writer can pair the
-    n-th step with the n-th batch's indices) and :meth:`raise_if_failed` between forwards.
-    After a write error the thread keeps draining and discarding, so a forward blocked on the
-    capture's backpressure is released and the main thread sees the error at its next check.
+    The main thread calls :meth:`submit` after each batch's forward, once it has checked the
+    batch made exactly one step: the n-th step is written with the n-th submitted batch's
+    indices, and a step waits in its slots until its batch is confirmed, so rows always
+    belong to their items. After a write error the thread keeps draining and discarding, so
+    a forward blocked on the capture's backpressure is released and the main thread sees the
+    error at its next check.
     """
 
     def __init__(self, rank_dir: RankDir, shard_size: int):
@@ -180,6 +194,7 @@ class ShardWriter:
         self._next_position = rank_dir.committed_samples
         self._shard: Shard | None = None
         self._error: BaseException | None = None
+        self._submitted = threading.Condition()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._cap = None
@@ -190,11 +205,16 @@ class ShardWriter:
         self._thread.start()
 
     def submit(self, size: int, indices: np.ndarray | None, positions: np.ndarray | None) -> None:
+        """The next finished step belongs to this batch (``size`` samples, dataset indices)."""
         if indices is None:
             indices = positions = np.arange(self._next_position, self._next_position + size, dtype=np.int64)
             self._next_position += size
-        self.pending.append((size, indices, positions))
-        self.max_pending = max(self.max_pending, len(self.pending))
+        with self._submitted:
+            self.pending.append((size, indices, positions))
+            # Batches whose step is not in the shard file yet (the rest only wait to be paired).
+            written = len(self._shard.step_rows) if self._shard is not None else 0
+            self.max_pending = max(self.max_pending, len(self.pending) - written)
+            self._submitted.notify_all()
 
     def raise_if_failed(self) -> None:
         if self._error is not None:
@@ -202,30 +222,34 @@ class ShardWriter:
 
     def stop(self) -> None:
         """Let the thread drain what is finished, join it, and raise its error if any."""
-        self._stop.set()
+        self._set_stop()
         self._thread.join()
         self.raise_if_failed()
 
     def abort(self) -> None:
         """Join the thread and drop the shard in progress (the committed ones stay)."""
         self._error = self._error or _Aborted()
-        self._stop.set()
+        self._set_stop()
         if self._thread is not None:
             self._thread.join()
         if self._shard is not None:
             self._shard.discard()
             self._shard = None
 
-    def finish(self, rest: dict) -> None:
-        """Write the steps the thread did not get (``cap.result()``), commit, mark complete."""
-        sizes = [size for size, _, _ in self.pending]
-        if sizes:
-            for step in _split_steps(rest, sizes):
-                self._guarded(self._write_step, step)
+    def finish(self) -> None:
+        """Commit the last shard and mark the rank complete."""
         if self._shard is not None:
             self._guarded(self._commit)
+        if self.pending:
+            raise RuntimeError(f"extract: {len(self.pending)} batch(es) ran but their steps never reached "
+                               "the writer")
         self.rank_dir.state["complete"] = True
         self._guarded(self.rank_dir.save)
+
+    def _set_stop(self) -> None:
+        with self._submitted:
+            self._stop.set()
+            self._submitted.notify_all()
 
     def _loop(self) -> None:
         try:
@@ -242,14 +266,28 @@ class ShardWriter:
     def _drain_once(self) -> bool:
         """Write every finished step (or drop it, after an error); False if there was none."""
         drained = False
-        for step in self._cap.drain():
+        for items in self._cap.drain_slots():
             drained = True
-            if self._error is None:
-                try:
-                    self._guarded(self._write_step, step)
-                except BaseException as error:  # handed to the main thread
-                    self._error = error
+            try:
+                if self._error is None:
+                    self._guarded(self._write_step, items)
+            except BaseException as error:  # handed to the main thread
+                self._error = self._error or error
+            finally:
+                for item in items.values():
+                    item.release()  # the bytes are in the file: the slot is free again
         return drained
+
+    def _confirmed_batch(self):
+        """The next submitted batch, waiting for the main thread's confirmation."""
+        with self._submitted:
+            while not self.pending:
+                if self._error is not None:
+                    raise _Aborted()
+                if self._stop.is_set():
+                    raise RuntimeError("extract: a step reached the writer that no batch submitted")
+                self._submitted.wait(_WRITER_POLL_SECONDS * 10)
+            return self.pending.popleft()
 
     def _guarded(self, function, *args):
         """Run a write; an OSError becomes one that names out and says what is kept."""
@@ -269,18 +307,26 @@ class ShardWriter:
                 "arguments resumes after them",
             ) from error
 
-    def _write_step(self, step: Mapping) -> None:
-        size, indices, positions = self.pending.popleft()
-        arrays = _step_arrays(step, size, self.rank_dir)
+    def _write_step(self, items: Mapping) -> None:
+        arrays, rows = _step_arrays(items, self.rank_dir)
         if self._shard is None:
             self._shard = Shard(self.rank_dir, len(self.rank_dir.state["shards"]))
-        self.bytes_written += self._shard.append(arrays, indices, positions)
-        self.samples += size
+        self.bytes_written += self._shard.append(arrays, rows)
+        self.samples += rows
         if self._shard.samples >= self.shard_size:
             self._commit()
 
     def _commit(self) -> None:
-        self._shard.commit()
+        """Pair the shard's steps with their confirmed batches, in order, and commit it."""
+        shard = self._shard
+        batches = [self._confirmed_batch() for _ in shard.step_rows]
+        for rows, (size, _, _) in zip(shard.step_rows, batches):
+            if rows != size:
+                raise ValueError(
+                    f"extract: a forward pass captured {rows} rows for a batch of {size} samples; "
+                    "extract stores one row per sample, so dim 0 of every captured output must be "
+                    "the batch")
+        shard.commit(np.concatenate([b[1] for b in batches]), np.concatenate([b[2] for b in batches]))
         self._shard = None
         self.shards_written += 1
 
@@ -289,36 +335,38 @@ class _Aborted(Exception):
     """Marks a writer stopped because the main loop failed; never raised to the user."""
 
 
-def _step_arrays(step: Mapping, size: int, rank_dir: RankDir) -> dict[str, np.ndarray]:
-    """A capture step as {store key: numpy array}; checks it against the keys seen so far."""
+def _step_arrays(items: Mapping, rank_dir: RankDir) -> tuple[dict[str, np.ndarray], int]:
+    """A step's slots as {store key: numpy array viewing ring memory}, and its rows; checks
+    them against the keys seen so far. A top-k key is stored as its values and
+    ``key.indices``."""
     arrays: dict[str, np.ndarray] = {}
     dtypes: dict[str, torch.dtype] = {}
-    for key, value in step.items():
-        if isinstance(value, TopK):
-            parts = {key: value.values, key + INDICES_SUFFIX: value.indices}
-        else:
-            parts = {key: value}
-        for name, tensor in parts.items():
+    for key, item in items.items():
+        views = item.host_views()
+        names = [key, key + INDICES_SUFFIX] if item.mode == "topk" else [key]
+        for name, tensor in zip(names, views):
             if name in arrays:
                 raise ValueError(f"extract: key {name!r} names both a layer and the indices of a "
                                  "top-k layer; give one of them an alias (layers={alias: name})")
             arrays[name] = _to_numpy(tensor)
             dtypes[name] = tensor.dtype
-            _check_rows(name, arrays[name], size)
+    rows = next(iter(arrays.values())).shape[0] if arrays else 0
+    for name, array in arrays.items():
+        _check_rows(name, array, rows)
     keys = rank_dir.state["keys"]
     if not keys:  # the first step of the run fixes the keys, their files and row shapes
         for name, array in arrays.items():
             file = _file_name(name, {meta["file"] for meta in keys.values()})
             keys[name] = {"file": file} | key_meta(array, dtypes[name])
     _check_keys(keys, arrays, dtypes)
-    return arrays
+    return arrays, rows
 
 
 def _check_rows(key: str, array: np.ndarray, size: int) -> None:
     if array.ndim == 0 or array.shape[0] != size:
         rows = array.shape[0] if array.ndim else "no"
         raise ValueError(
-            f"extract: layer {key!r} produced {rows} rows for a batch of {size} samples "
+            f"extract: layer {key!r} produced {rows} rows where the step's other layers have {size} "
             f"(shape {tuple(array.shape)}); extract stores one row per sample, so dim 0 of "
             "every captured output must be the batch"
         )
@@ -352,27 +400,12 @@ def _file_name(key: str, taken: set[str]) -> str:
 
 
 def _to_numpy(tensor: torch.Tensor) -> np.ndarray:
+    """A numpy view of a host tensor (no copy when it is contiguous, as slots lay it out)."""
     tensor = tensor.detach().cpu().contiguous()
     try:
         return tensor.numpy()
     except TypeError:  # bfloat16, float8: keep the raw bits
         return tensor.view(RAW_BITS[tensor.element_size()]).numpy()
-
-
-def _split_steps(rest: Mapping, sizes: list[int]) -> list[dict]:
-    """Cut ``cap.result()`` (the undrained steps, concatenated) back into one dict per batch."""
-    if not rest:
-        raise RuntimeError(f"extract: {len(sizes)} batches ran but the capture returned no data for them")
-    steps = [{} for _ in sizes]
-    for key, value in rest.items():
-        if isinstance(value, TopK):
-            parts = zip(value.values.split(sizes), value.indices.split(sizes))
-            pieces = [TopK(v, i) for v, i in parts]
-        else:
-            pieces = value.split(sizes)
-        for step, piece in zip(steps, pieces):
-            step[key] = piece
-    return steps
 
 
 def write_merged_manifest(root: Path, world_size: int) -> None:
