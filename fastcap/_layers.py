@@ -11,6 +11,11 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 
+from fastcap._tokens import TOKEN_INDEX_KEY, TOKEN_MODES, Tokens
+
+#: capture()'s reduce modes without tokens= (with it, also fastcap._tokens.TOKEN_MODES).
+REDUCE_MODES = ("full", "mean", "topk")
+
 LayerSpec = Union[str, Sequence[str], Mapping[str, str]]
 
 _GLOB_CHARS = re.compile(r"[*?\[]")
@@ -28,6 +33,7 @@ class Layer:
     dtype: Optional[torch.dtype]
     select: Any  # None, an int, a str key or a callable: which tensor of the output
     keep_layout: bool = True  # full: keep a dense layout (channels_last); False: contiguous
+    token_mode: bool = False  # reduce over the kept tokens of [N, T, C] (tokens=)
 
 
 def _part_regex(part: str) -> str:
@@ -174,3 +180,94 @@ def model_device(model: Optional[nn.Module]) -> torch.device:
 def module_lookup(model: nn.Module, resolved: Mapping[str, str]) -> List[Tuple[str, str, nn.Module]]:
     modules = dict(model.named_modules())
     return [(key, name, modules[name]) for key, name in resolved.items()]
+
+
+def check_model(model: Any) -> None:
+    """Refuses a model whose modules forward hooks cannot see (TorchScript, torch.compile)."""
+    if isinstance(model, torch.jit.ScriptModule):
+        raise TypeError(
+            f"model is a TorchScript module ({type(model).__name__}, from torch.jit.trace or "
+            "torch.jit.script): forward hooks cannot see inside it; capture the original "
+            "nn.Module before scripting it")
+    if type(model).__name__ == "OptimizedModule" and hasattr(model, "_orig_mod"):  # no dynamo import
+        raise TypeError(
+            "model is wrapped by torch.compile (an OptimizedModule): its compiled graph does not "
+            "run hooks added afterwards; capture the original module (model._orig_mod), or call "
+            "torch.compile after capture() has hooked it")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+
+
+def _mode_checker(tokens: Optional[Tokens]):
+    modes = REDUCE_MODES + (tuple(m for m in TOKEN_MODES if m not in REDUCE_MODES) if tokens is not None else ())
+
+    def check(key: str, mode: Any) -> None:
+        if not isinstance(mode, str):
+            raise TypeError(f"layer {key!r}: reduce must be a str, got {type(mode).__name__}: {mode!r}")
+        if mode in TOKEN_MODES and mode not in modes:
+            raise ValueError(f"layer {key!r}: reduce={mode!r} works on tokens: pass tokens=fastcap.Tokens(...) "
+                             "to say which tokens of [N, T, C] are real")
+        if mode not in modes:
+            raise ValueError(f"layer {key!r}: unknown reduce mode {mode!r}; choose one of {list(modes)}")
+    return check
+
+
+def _check_k_value(key: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"layer {key!r}: k must be an int, got {type(value).__name__}: {value!r}")
+    if value < 1:
+        raise ValueError(f"layer {key!r}: k must be >= 1, got {value}")
+
+
+def _check_channel_dim(key: str, cd: Any) -> None:
+    if isinstance(cd, bool) or not isinstance(cd, int):
+        raise TypeError(f"layer {key!r}: channel_dim must be an int, got {type(cd).__name__}: {cd!r}")
+
+
+def _check_select(key: str, sel: Any) -> None:
+    if sel is not None and not isinstance(sel, (int, str)) and not callable(sel):
+        raise TypeError(f"layer {key!r}: select must be an int, a str key or a callable, "
+                        f"got {type(sel).__name__}: {sel!r}")
+
+
+def plan_layers(model: nn.Module, layers: LayerSpec, reduce: Union[str, Mapping[str, str]] = "full", *,
+                k: Union[None, int, Mapping[str, int]] = None,
+                channel_dim: Union[int, Mapping[str, int]] = 1,
+                dtype: Optional[torch.dtype] = None,
+                select: Any = None,
+                tokens: Optional[Tokens] = None,
+                keep_layout: bool = True) -> Dict[str, Layer]:
+    """capture()'s layer arguments, checked and resolved: one :class:`Layer` per capture key.
+
+    Every value is checked here, before any hook exists, and an error names the layer and the
+    value at fault."""
+    check_model(model)
+    resolved = resolve_layers(model, layers)
+    if tokens is not None and not isinstance(tokens, Tokens):
+        raise TypeError(f"tokens must be a fastcap.Tokens, got {type(tokens).__name__}: {tokens!r}")
+    modes = per_layer("reduce", reduce, resolved, "full", _mode_checker(tokens))
+    if tokens is not None and TOKEN_INDEX_KEY in resolved:
+        raise ValueError(f"with tokens=, {TOKEN_INDEX_KEY!r} is the key of drain()'s token index: give the "
+                         "layer another alias")
+
+    def check_k(key: str, value: Any) -> None:
+        if value is not None:
+            _check_k_value(key, value)
+            if modes[key] != "topk" and isinstance(k, Mapping):
+                raise ValueError(f"layer {key!r}: k={value} is given, but its reduce is {modes[key]!r}, "
+                                 "not 'topk'")
+        elif modes[key] == "topk":
+            raise ValueError(f"layer {key!r}: reduce='topk' needs k (an int >= 1)")
+
+    ks = per_layer("k", k, resolved, None, check_k)
+    if k is not None and not isinstance(k, Mapping) and "topk" not in modes.values():
+        raise ValueError(f"k={k!r} is given, but no layer has reduce='topk' (reduce={reduce!r})")
+    cds = per_layer("channel_dim", channel_dim, resolved, 1, _check_channel_dim)
+    selects = per_layer("select", select, resolved, None, _check_select)
+    if dtype is not None and not isinstance(dtype, torch.dtype):
+        raise TypeError(f"dtype must be a torch.dtype, got {type(dtype).__name__}: {dtype!r}")
+    return {
+        key: Layer(key, name, modes[key], ks[key] if modes[key] == "topk" else None, cds[key], dtype,
+                   selects[key], keep_layout, token_mode=tokens is not None and modes[key] != "full")
+        for key, name, _ in module_lookup(model, resolved)
+    }

@@ -13,6 +13,7 @@ import torch
 
 from fastcap import _ops
 from fastcap._layers import Layer
+from fastcap._tokens import TokenIndex
 
 ALIGN = 64  # byte alignment of each tensor inside a slot
 
@@ -24,7 +25,7 @@ class TopK(NamedTuple):
     indices: torch.Tensor
 
 
-Captured = Union[torch.Tensor, TopK]
+Captured = Union[torch.Tensor, TopK, "TokenIndex"]
 
 
 @dataclass(frozen=True)
@@ -137,12 +138,14 @@ class Item:
 
     A consumer either materializes it (host tensors of its own, the slot freed) or, to read
     the bytes in place (extract's writer), takes :meth:`host_views` and then :meth:`release`.
+    A *counted* item (one row per kept token) starts with an int64 count of the rows its
+    other parts hold; only those rows are handed off.
     """
 
-    __slots__ = ("ring", "slot", "parts", "mode", "value", "_lock")
+    __slots__ = ("ring", "slot", "parts", "mode", "counted", "value", "_lock")
 
-    def __init__(self, ring, slot: int, parts: List[Part], mode: str):
-        self.ring, self.slot, self.parts, self.mode = ring, slot, parts, mode
+    def __init__(self, ring, slot: int, parts: List[Part], mode: str, counted: bool = False):
+        self.ring, self.slot, self.parts, self.mode, self.counted = ring, slot, parts, mode, counted
         self.value: Optional[Captured] = None
         # The collector, a drain() in another thread and close() may all reach an item.
         self._lock = threading.Lock()
@@ -166,6 +169,13 @@ class Item:
                 raise RuntimeError("fastcap: this activation was released without being copied out")
             return self.value
 
+    def _views(self, host: torch.Tensor) -> List[torch.Tensor]:
+        """The item's tensors over the slot's host bytes (a counted item's: its kept rows)."""
+        if not self.counted:
+            return [p.view(host) for p in self.parts]
+        rows = int(self.parts[0].view(host)[0])
+        return [p.view(host)[:rows] for p in self.parts[1:]]
+
     def _copy_out(self) -> Captured:
         ring = self.ring
         if ring.pinned:
@@ -173,19 +183,20 @@ class Item:
             # clone() keeps a dense layout (channels_last stays channels_last).
             ring.wait(self.slot)
             host = ring.host(self.slot)
-            tensors = [p.view(host).clone() for p in self.parts]
+            tensors = [t.clone() for t in self._views(host)]
             del host
             ring.release(self.slot)
         else:
             # Plain memory: the slot's buffer itself becomes the result, no second copy (the
             # slot gets a new one at its next acquire). Its storage is exactly the committed
-            # bytes; several parts (top-k) are cloned apart so each owns only its own bytes.
+            # bytes; several parts (top-k), or the kept rows of an upper bound, are cloned apart
+            # so each owns only its own bytes.
             host = ring.take(self.slot)
-            tensors = [p.view(host) for p in self.parts]
-            if len(tensors) > 1:
+            tensors = self._views(host)
+            if len(tensors) > 1 or self.counted:
                 tensors = [t.clone() for t in tensors]
             del host
-        return TopK(*tensors) if self.mode == "topk" else tensors[0]
+        return _assemble(self.mode, tensors)
 
     def host_views(self) -> List[torch.Tensor]:
         """The item's tensors as views of ring host memory, once its bytes have landed; valid
@@ -198,7 +209,7 @@ class Item:
                 host = self.ring.host(self.slot)
             else:
                 host = self.ring.take(self.slot)  # the buffer is ours now: release() is moot
-            return [p.view(host) for p in self.parts]
+            return self._views(host)
 
     def release(self) -> None:
         """Frees the slot after :meth:`host_views` (its bytes are no longer needed)."""
@@ -206,3 +217,96 @@ class Item:
             ring, self.ring = self.ring, None
             if ring is not None and ring.pinned:
                 ring.release(self.slot)
+
+
+def _assemble(mode: str, tensors: List[torch.Tensor]) -> Captured:
+    if mode == "topk":
+        return TopK(*tensors)
+    if mode == INDEX_MODE:
+        return TokenIndex(*tensors)
+    return tensors[0]
+
+
+# ------------------------------------------------------------------ language models (tokens=)
+
+#: The mode of the item holding a step's token index (sample, position, token_id per row).
+INDEX_MODE = "token_index"
+
+
+def _count_then(outs) -> List[Part]:
+    """Parts laid out after an int64 count: the rows they hold are counted."""
+    return _layout([((1,), torch.int64)] + outs)
+
+
+def _layout(outs) -> List[Part]:
+    parts, offset = [], 0
+    for shp, dtype in outs:
+        part = Part.make(offset, shp, contiguous_strides(shp), dtype)
+        parts.append(part)
+        offset += (part.nbytes + ALIGN - 1) // ALIGN * ALIGN
+    return parts
+
+
+def plan_token_parts(layer: Layer, x: torch.Tensor) -> List[Part]:
+    """Slot layout of a token mode on ``x`` ``[N, T, C]``: pooled modes ``[N, C]``; row modes
+    a count and room for every token (an upper bound: the kept count is only on the device)."""
+    n, t, c = x.shape
+    if layer.mode == "tokens":
+        return _count_then([((n * t, c), layer.dtype or x.dtype)])
+    if layer.mode == "topk":
+        if layer.k > c:
+            raise ValueError(f"layer {layer.key!r}: k={layer.k} is out of range for its {c} channels "
+                             f"(output shape {tuple(x.shape)})")
+        return _count_then([((n * t, layer.k), x.dtype), ((n * t, layer.k), torch.int64)])
+    if x.dtype == torch.bool or x.is_complex():
+        raise ValueError(f"layer {layer.key!r}: reduce={layer.mode!r} needs a real-valued output, got {x.dtype}")
+    return _layout([((n, c), torch.float32 if layer.mode == "mean" else x.dtype)])
+
+
+def plan_index_parts(n: int, t: int) -> List[Part]:
+    """Slot layout of a step's token index: a count, then sample, position, token_id."""
+    return _count_then([((n * t,), torch.int64)] * 3)
+
+
+def _commit_counted(ring, slot: int, parts: List[Part], on_device: bool) -> None:
+    # Only the count now, and (in a consumer's wait) the rows it counts, cross from the GPU.
+    segments = [(p.offset, p.nbytes // p.shape[0] if p.shape[0] else 0) for p in parts[1:]]
+    ring.commit_counted(slot, parts[0].offset, segments, on_device)
+
+
+def write_token_slot(ring, slot: int, layer: Layer, x: torch.Tensor, keep: torch.Tensor,
+                     parts: List[Part]) -> None:
+    """A token mode's op from ``x`` and the kept tokens ``keep`` into the slot, committed."""
+    on_device = x.is_cuda
+    try:
+        buf = ring.staging(slot, x.device) if on_device else ring.host(slot)
+        dst = [p.view(buf) for p in parts]
+        if layer.mode == "tokens":
+            _ops.tokens_into(x, keep, 1, dst[1], dst[0])
+        elif layer.mode == "topk":
+            _ops.tokens_topk_into(x, keep, 1, layer.k, dst[1], dst[2], dst[0])
+        else:
+            _ops.pool_tokens_into(x, keep, 1, layer.mode, dst[0])
+        del buf, dst
+        if layer.mode in ("tokens", "topk"):
+            _commit_counted(ring, slot, parts, on_device)
+        else:
+            ring.commit(slot, slot_bytes(parts), on_device)
+    except BaseException:
+        ring.release(slot)
+        raise
+
+
+def write_index_slot(ring, slot: int, keep: torch.Tensor, ids: Optional[torch.Tensor], sample_offset: int,
+                     parts: List[Part]) -> None:
+    """A step's token index into the slot, committed (counted)."""
+    on_device = keep.is_cuda
+    try:
+        buf = ring.staging(slot, keep.device) if on_device else ring.host(slot)
+        count, sample, position, token_id = (p.view(buf) for p in parts)
+        _ops.token_index_into(keep, ids, sample_offset, sample, position, token_id, count)
+        del buf, count, sample, position, token_id
+        _commit_counted(ring, slot, parts, on_device)
+    except BaseException:
+        ring.release(slot)
+        raise

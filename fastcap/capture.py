@@ -1,8 +1,8 @@
 """capture(): forward hooks that hand each activation to fastcap's compiled ops, which copy or
 reduce it into a preallocated ring of host slots, and the consumers that take it out again.
 
-One activation's path: the layer's forward hook (`Capture._on_output`) picks the tensor
-(`fastcap._outputs.select_tensor`), works out the bytes its result needs
+One activation's path (fastcap/_steps.py): the layer's forward hook (`_on_output`) picks the
+tensor (`fastcap._outputs.select_tensor`), works out the bytes its result needs
 (`fastcap._slots.plan_parts`), takes a slot of the ring for that key and device (`_acquire`),
 runs the op (`torch.ops.fastcap.copy_into`/`mean_into`/`topk_into`) straight into the slot's
 memory - host memory on CPU, the slot's device staging buffer on CUDA - and commits the slot
@@ -17,87 +17,27 @@ every slot of a ring still holds data no consumer has taken: backpressure, count
 """
 from __future__ import annotations
 
-import sys
 import threading
-import time
-from collections import deque
-from dataclasses import dataclass, field
-from typing import Any, Callable, Deque, Dict, Iterator, List, Mapping, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Union
 
 import torch
 import torch.nn as nn
 
 from fastcap import _ext
-from fastcap._layers import Layer, LayerSpec, module_lookup, per_layer, resolve_layers
-from fastcap._outputs import check_capturable, select_tensor
-from fastcap._slots import Captured, Item, Part, TopK, plan_parts, slot_bytes, write_slot
+from fastcap._layers import LayerSpec, plan_layers
+from fastcap._slots import Captured, Item, TopK
+from fastcap._steps import Step, StepHooks
+from fastcap._tokens import TOKEN_INDEX_KEY, BoundTokens, TokenIndex, Tokens
 
 __all__ = ["capture", "Capture"]
 
-REDUCE_MODES = ("full", "mean", "topk")
 MAX_DEPTH = 1 << 16
-# With collect=False, how long a forward waits for a full ring before it concludes that no
-# other thread will ever drain (a consumer thread gets this long to make its first drain()).
-_NO_CONSUMER_SECONDS = 2.0
-_WAIT_SLICE_SECONDS = 0.05
 
 Select = Union[None, int, str, Callable[[Any], torch.Tensor]]
 
 
-@dataclass
-class _Step:
-    """One forward pass of one thread: the activations captured during it, in call order."""
-
-    items: Dict[str, Item] = field(default_factory=dict)
-    calls: Dict[str, int] = field(default_factory=dict)
-    implicit: bool = False  # opened by a hook outside a call of the model itself
-
-
-class _Counters:
-    """Where the time went, for stats(); updated from several threads."""
-
-    def __init__(self):
-        self.lock = threading.Lock()
-        self.forward_wait_seconds = 0.0
-        self.copy_out_seconds = 0.0
-        self.by_thread: Dict[str, int] = {}
-        self.on_forward = 0
-
-    def copied(self, seconds: float, in_forward: bool) -> None:
-        name = threading.current_thread().name
-        with self.lock:
-            self.copy_out_seconds += seconds
-            self.by_thread[name] = self.by_thread.get(name, 0) + 1
-            self.on_forward += in_forward
-
-
-class Capture:
+class Capture(StepHooks):
     """Captures chosen layers' activations while a model runs. Made by :func:`capture`."""
-
-    def __init__(self, model: nn.Module, layers: Dict[str, Layer], depth: int, collect: bool = True):
-        self._model = model
-        self._layers = layers
-        self._depth = depth
-        self._collect = collect
-        self._handles: List[Any] = []
-        self._rings: Dict[Tuple[str, torch.device], Any] = {}
-        self._plans: Dict[tuple, List[Part]] = {}
-        self._timeline = _ext._C.BusyTimeline()
-        self._cond = threading.Condition()  # guards the step queues below
-        self._open: Dict[int, _Step] = {}  # thread ident -> the step that thread has open
-        self._steps: Deque[_Step] = deque()  # finished, not drained
-        self._uncollected: Deque[_Step] = deque()  # finished, for the collector
-        self._claimed: List[_Step] = []  # taken by drain(), being copied out
-        self._local = threading.local()  # per thread: how deep in the model's own calls
-        self._collector: Optional[threading.Thread] = None
-        self._collected = threading.Event()  # set when the collector thread has finished
-        self._stopping = False
-        self._consumers: set = set()  # idents of the threads that drained
-        self._consumer_error: Optional[BaseException] = None
-        self._steps_finished = 0
-        self._counters = _Counters()
-        self._closed_totals = {"bytes_captured": 0, "resizes": 0}
-        self._active = False
 
     # ----------------------------------------------------------------- lifecycle
     @property
@@ -117,15 +57,8 @@ class Capture:
         self._stopping = False
         self._consumer_error = None
         self._local = threading.local()
-        modules = dict(self._model.named_modules())
         try:
-            # Compiled callers (torch.compile) run the hooks eagerly, at a graph break: they hold
-            # locks and Python state no graph can trace.
-            self._handles.append(self._model.register_forward_pre_hook(_eager(self._on_model_start)))
-            self._handles.append(self._model.register_forward_hook(_eager(self._on_model_end), always_call=True))
-            for layer in self._layers.values():
-                hook = _eager(self._make_hook(layer))
-                self._handles.append(modules[layer.module_name].register_forward_hook(hook))
+            self._add_hooks()
             if self._collect:
                 self._start_collector()
         except BaseException:
@@ -182,132 +115,6 @@ class Capture:
     def abort(self, exc: BaseException) -> None:
         """Called by a consumer thread that failed: a forward waiting for a slot raises."""
         self._consumer_error = exc
-
-    # ----------------------------------------------------------------- steps
-    def _on_model_start(self, module, args) -> None:
-        local = self._local
-        depth = getattr(local, "depth", 0)
-        local.depth = depth + 1
-        if depth == 0:  # a top-level call: a new step (nested, recursive calls belong to it)
-            tid = threading.get_ident()
-            with self._cond:
-                if tid in self._open:
-                    self._finish_locked(tid)  # hooks that ran outside a model call before it
-                self._open[tid] = _Step()
-
-    def _on_model_end(self, module, args, output) -> None:
-        local = self._local
-        local.depth = max(getattr(local, "depth", 1) - 1, 0)
-        if local.depth == 0:
-            with self._cond:
-                self._finish_locked(threading.get_ident())
-
-    def _finish_locked(self, tid: int) -> None:
-        step = self._open.pop(tid, None)
-        if step is None:
-            return
-        self._steps.append(step)
-        self._steps_finished += 1
-        if self._collector is not None:
-            self._uncollected.append(step)
-        self._cond.notify_all()
-
-    def _finish_implicit_locked(self) -> None:
-        for tid, step in list(self._open.items()):
-            if step.implicit:
-                self._finish_locked(tid)
-
-    def end_step(self) -> None:
-        """Finishes the step the calling thread has open from hooks that ran outside a call
-        of the model itself (a forward that calls its submodules directly)."""
-        with self._cond:
-            step = self._open.get(threading.get_ident())
-            if step is not None and step.implicit:
-                self._finish_locked(threading.get_ident())
-
-    def _step_for_hook(self, layer: Layer) -> _Step:
-        tid = threading.get_ident()
-        with self._cond:
-            step = self._open.get(tid)
-        if step is None:
-            if _calling_forward_directly(self._model):
-                raise RuntimeError(
-                    f"layer {layer.key!r} ran inside a direct call of {type(self._model).__name__}"
-                    ".forward(...): fastcap delimits steps by calls of the model itself, so call "
-                    "model(x) instead of model.forward(x)")
-            with self._cond:
-                step = self._open.setdefault(tid, _Step(implicit=True))
-        return step
-
-    def _make_hook(self, layer: Layer):
-        def hook(module, args, output):
-            return self._on_output(layer, output)
-        hook.__qualname__ = f"fastcap capture hook of {layer.key!r}"
-        return hook
-
-    def _on_output(self, layer: Layer, output: Any) -> None:
-        try:
-            step = self._step_for_hook(layer)
-            n = step.calls.get(layer.key, 0)
-            step.calls[layer.key] = n + 1
-            key = layer.key if n == 0 else f"{layer.key}#{n}"
-            x = select_tensor(layer, output)
-            check_capturable(layer, x)
-            # Activations keep their shape from step to step: plan (and validate) once.
-            signature = (layer.key, x.shape, x.stride(), x.dtype, x.device)
-            parts = self._plans.get(signature)
-            if parts is None:
-                parts = self._plans[signature] = plan_parts(layer, x)
-            ring = self._ring_for(key, x.device)
-            slot = self._acquire(ring, slot_bytes(parts))
-            write_slot(ring, slot, layer, x.detach(), parts)
-            item = Item(ring, slot, parts, layer.mode)
-            tid = threading.get_ident()
-            with self._cond:
-                if self._open.get(tid) is not step:
-                    # drain() closed this (implicit) step meanwhile: start the next one.
-                    step = self._open.setdefault(tid, _Step(implicit=True))
-                step.items[key] = item
-        except BaseException:
-            # Nothing stays behind after an error: hooks off, buffers freed (what was
-            # captured before stays in result()).
-            self.close()
-            raise
-        return None
-
-    # ----------------------------------------------------------------- rings
-    def _ring_for(self, key: str, device: torch.device):
-        ring = self._rings.get((key, device))
-        if ring is None:
-            with self._cond:
-                ring = self._rings.get((key, device))
-                if ring is None:
-                    # Pinned host memory only where a device copies into it.
-                    ring = _ext._C.Ring(self._depth, device.type == "cuda", self._timeline)
-                    self._rings[(key, device)] = ring
-        return ring
-
-    def _acquire(self, ring, nbytes: int) -> int:
-        slot = ring.acquire(nbytes, 0.0)
-        if slot >= 0:
-            return slot
-        # Every slot holds a finished step no consumer has taken yet: wait for one.
-        start = time.perf_counter()
-        try:
-            while slot < 0:
-                if self._consumer_error is not None:
-                    raise RuntimeError("fastcap: the consumer of this capture failed") from self._consumer_error
-                if (not self._collect and not (self._consumers - {threading.get_ident()})
-                        and time.perf_counter() - start > _NO_CONSUMER_SECONDS):
-                    raise RuntimeError(
-                        f"fastcap: every one of the {self._depth} ring slots holds a step no thread has "
-                        "drained, and with collect=False nothing else will: call drain() from a "
-                        "consumer thread, drain after each forward, or use collect=True")
-                slot = ring.acquire(nbytes, _WAIT_SLICE_SECONDS)
-            return slot
-        finally:
-            with self._counters.lock:
-                self._counters.forward_wait_seconds += time.perf_counter() - start
 
     # ----------------------------------------------------------------- consumers
     def _start_collector(self) -> None:
@@ -369,7 +176,7 @@ class Capture:
                 self._claimed.remove(step)
             yield step.items
 
-    def _drain_steps(self) -> Iterator[_Step]:
+    def _drain_steps(self) -> Iterator[Step]:
         self._consumers.add(threading.get_ident())
         while True:
             with self._cond:
@@ -396,8 +203,29 @@ class Capture:
         per_key: Dict[str, List[Captured]] = {}
         for step in steps:
             for key, item in step.items.items():
-                per_key.setdefault(key, []).append(self._materialize(item))
+                if key != TOKEN_INDEX_KEY:
+                    per_key.setdefault(key, []).append(self._materialize(item))
         return {key: _concat(key, values) for key, values in per_key.items()}
+
+    def token_index(self) -> TokenIndex:
+        """Where each row of the ``"tokens"`` (and token ``"topk"``) results came from, for the
+        steps not yet drained, aligned with ``result()``'s rows: ``TokenIndex(sample, position,
+        token_id)``, int64 ``[n_kept]`` each (``sample`` counts samples from 0 over the whole
+        capture; ``token_id`` is -1 without ids). ``drain()`` hands each step's index out under
+        the key ``"token_index"``.
+        """
+        with self._cond:
+            if self._active:
+                self._finish_implicit_locked()
+            else:
+                for tid in list(self._open):
+                    self._finish_locked(tid)
+            steps = list(self._steps)
+        parts = [self._materialize(s.items[TOKEN_INDEX_KEY]) for s in steps if TOKEN_INDEX_KEY in s.items]
+        if not parts:
+            empty = torch.zeros(0, dtype=torch.int64)
+            return TokenIndex(empty, empty.clone(), empty.clone())
+        return TokenIndex(*(torch.cat([getattr(p, f) for p in parts]) for f in TokenIndex._fields))
 
     def stats(self) -> Dict[str, Any]:
         """Counters of the capture so far.
@@ -453,71 +281,9 @@ def _concat(key: str, values: List[Captured]) -> Captured:
     return torch.cat(values)
 
 
-def _eager(hook: Callable) -> Callable:
-    """The hook, marked to run eagerly at a graph break when a compiled function calls it."""
-    reason = ("fastcap's capture hooks run eagerly between compiled graphs; compile without "
-              "fullgraph=True to capture a torch.compile'd model")
-    try:
-        return torch.compiler.disable(hook, reason=reason)
-    except TypeError:  # torch without disable(reason=)
-        return torch.compiler.disable(hook)
-
-
-def _calling_forward_directly(model: nn.Module) -> bool:
-    """Whether ``model.forward`` runs on this thread's stack without ``model.__call__``."""
-    codes = set()
-    fn = type(model).forward
-    while fn is not None:
-        code = getattr(fn, "__code__", None)
-        if code is not None:
-            codes.add(code)
-        fn = getattr(fn, "__wrapped__", None)
-    frame = sys._getframe(2)
-    while frame is not None:
-        if frame.f_code in codes and frame.f_locals.get("self") is model:
-            return True
-        frame = frame.f_back
-    return False
-
-
-def _check_model(model: Any) -> None:
-    if isinstance(model, torch.jit.ScriptModule):
-        raise TypeError(
-            f"model is a TorchScript module ({type(model).__name__}, from torch.jit.trace or "
-            "torch.jit.script): forward hooks cannot see inside it; capture the original "
-            "nn.Module before scripting it")
-    if type(model).__name__ == "OptimizedModule" and hasattr(model, "_orig_mod"):  # no dynamo import
-        raise TypeError(
-            "model is wrapped by torch.compile (an OptimizedModule): its compiled graph does not "
-            "run hooks added afterwards; capture the original module (model._orig_mod), or call "
-            "torch.compile after capture() has hooked it")
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-
-
-def _check_mode(key: str, mode: Any) -> None:
-    if not isinstance(mode, str):
-        raise TypeError(f"layer {key!r}: reduce must be a str, got {type(mode).__name__}: {mode!r}")
-    if mode not in REDUCE_MODES:
-        raise ValueError(f"layer {key!r}: unknown reduce mode {mode!r}; choose one of {list(REDUCE_MODES)}")
-
-
-def _check_k_value(key: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"layer {key!r}: k must be an int, got {type(value).__name__}: {value!r}")
-    if value < 1:
-        raise ValueError(f"layer {key!r}: k must be >= 1, got {value}")
-
-
-def _check_channel_dim(key: str, cd: Any) -> None:
-    if isinstance(cd, bool) or not isinstance(cd, int):
-        raise TypeError(f"layer {key!r}: channel_dim must be an int, got {type(cd).__name__}: {cd!r}")
-
-
-def _check_select(key: str, sel: Any) -> None:
-    if sel is not None and not isinstance(sel, (int, str)) and not callable(sel):
-        raise TypeError(f"layer {key!r}: select must be an int, a str key or a callable, "
-                        f"got {type(sel).__name__}: {sel!r}")
+def _check_depth(depth: Any) -> None:
+    if isinstance(depth, bool) or not isinstance(depth, int) or not 1 <= depth <= MAX_DEPTH:
+        raise ValueError(f"depth must be an int in [1, {MAX_DEPTH}] (ring slots per layer), got {depth!r}")
 
 
 def build_capture(model: nn.Module, layers: LayerSpec, reduce: Union[str, Mapping[str, str]] = "full", *,
@@ -527,37 +293,15 @@ def build_capture(model: nn.Module, layers: LayerSpec, reduce: Union[str, Mappin
                   select: Union[Select, Mapping[str, Select]] = None,
                   depth: int = 2,
                   collect: bool = True,
+                  tokens: Optional[Tokens] = None,
                   keep_layout: bool = True) -> Capture:
     """:func:`capture` with the options only fastcap's own callers use: ``keep_layout=False``
     lays full captures out contiguously (extract writes C-order rows straight from the slot)."""
-    _check_model(model)
-    resolved = resolve_layers(model, layers)
-    modes = per_layer("reduce", reduce, resolved, "full", _check_mode)
-
-    def check_k(key: str, value: Any) -> None:
-        if value is not None:
-            _check_k_value(key, value)
-            if modes[key] != "topk" and isinstance(k, Mapping):
-                raise ValueError(f"layer {key!r}: k={value} is given, but its reduce is {modes[key]!r}, "
-                                 "not 'topk'")
-        elif modes[key] == "topk":
-            raise ValueError(f"layer {key!r}: reduce='topk' needs k (an int >= 1)")
-
-    ks = per_layer("k", k, resolved, None, check_k)
-    if k is not None and not isinstance(k, Mapping) and "topk" not in modes.values():
-        raise ValueError(f"k={k!r} is given, but no layer has reduce='topk' (reduce={reduce!r})")
-    cds = per_layer("channel_dim", channel_dim, resolved, 1, _check_channel_dim)
-    selects = per_layer("select", select, resolved, None, _check_select)
-    if dtype is not None and not isinstance(dtype, torch.dtype):
-        raise TypeError(f"dtype must be a torch.dtype, got {type(dtype).__name__}: {dtype!r}")
-    if isinstance(depth, bool) or not isinstance(depth, int) or not 1 <= depth <= MAX_DEPTH:
-        raise ValueError(f"depth must be an int in [1, {MAX_DEPTH}] (ring slots per layer), got {depth!r}")
-    plans = {
-        key: Layer(key, name, modes[key], ks[key] if modes[key] == "topk" else None, cds[key], dtype,
-                   selects[key], keep_layout)
-        for key, name, _ in module_lookup(model, resolved)
-    }
-    return Capture(model, plans, depth, collect)
+    plans = plan_layers(model, layers, reduce, k=k, channel_dim=channel_dim, dtype=dtype, select=select,
+                        tokens=tokens, keep_layout=keep_layout)
+    _check_depth(depth)
+    bound = BoundTokens(tokens, model) if tokens is not None else None
+    return Capture(model, plans, depth, collect, bound)
 
 
 def capture(model: nn.Module, layers: LayerSpec, reduce: Union[str, Mapping[str, str]] = "full", *,
@@ -566,7 +310,8 @@ def capture(model: nn.Module, layers: LayerSpec, reduce: Union[str, Mapping[str,
             dtype: Optional[torch.dtype] = None,
             select: Union[Select, Mapping[str, Select]] = None,
             depth: int = 2,
-            collect: bool = True) -> Capture:
+            collect: bool = True,
+            tokens: Optional[Tokens] = None) -> Capture:
     """Captures the activations of ``layers`` while ``model`` runs, into host memory.
 
     Args:
@@ -591,6 +336,11 @@ def capture(model: nn.Module, layers: LayerSpec, reduce: Union[str, Mapping[str,
             steps out of the rings as they finish, for ``result()`` and ``drain()``. False:
             finished steps wait in their slots until a thread of yours drains them, and the
             forward waits when they are full: host memory bounded by ``depth`` steps.
+        tokens: a :class:`fastcap.Tokens` makes the capture mask-aware for ``[N, T, C]``
+            outputs (language models): ``reduce`` then also takes ``"tokens"`` (the kept tokens'
+            rows ``[n_kept, C]``, located by ``token_index()``), ``"mean"`` / ``"max"`` /
+            ``"first"`` / ``"last"`` (pooled over the kept tokens, ``[N, C]``) and ``"topk"``
+            (per kept token, ``[n_kept, k]``); ``"full"`` ignores the mask.
 
     Returns:
         A :class:`Capture`: use it as a context manager; read ``result()``, ``drain()``
@@ -606,4 +356,4 @@ def capture(model: nn.Module, layers: LayerSpec, reduce: Union[str, Mapping[str,
         feats = cap.result()          # {"layer3": Tensor[32, 256], "layer4": Tensor[32, 512]}
     """
     return build_capture(model, layers, reduce, k=k, channel_dim=channel_dim, dtype=dtype, select=select,
-                         depth=depth, collect=collect)
+                         depth=depth, collect=collect, tokens=tokens)
