@@ -143,7 +143,9 @@ void take_hands_the_buffer_over() {
   // Exactly the committed bytes: the storage is no larger either.
   EXPECT(taken.numel() == 200 && taken.data_ptr<uint8_t>()[199] == 3);
   EXPECT(taken.storage().nbytes() == 200);
-  EXPECT(fastcap::live_host_bytes() == before);  // detached: not ring memory any more
+  // Detached: not ring memory any more. The slot holds its next buffer already (take()
+  // refills it on the consumer's thread), as large as before.
+  EXPECT(fastcap::live_host_bytes() == before + capacity);
   int64_t b = ring.acquire(128, 0.0);               // a fresh buffer, as large as before
   EXPECT(b == a && ring.host(b).numel() == capacity);
   std::memset(ring.host(b).data_ptr(), 9, capacity);
