@@ -5,6 +5,7 @@
 // registers its kernels in its own TORCH_LIBRARY_IMPL block: csrc/cpu/, csrc/cuda/.
 #include "ring.h"
 
+#include <pybind11/stl.h>  // segments: list[tuple[int, int]]
 #include <torch/extension.h>
 #include <torch/library.h>
 #include <torch/version.h>
@@ -119,6 +120,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("host", &Ring::host, py::arg("slot"))
       .def("staging", &Ring::staging, py::arg("slot"), py::arg("device"))
       .def("commit", &Ring::commit, py::arg("slot"), py::arg("nbytes"), py::arg("from_staging"))
+      .def("commit_counted", &Ring::commit_counted, py::arg("slot"), py::arg("count_offset"),
+           py::arg("segments"), py::arg("from_staging"),
+           "Commits a slot holding an int64 count at count_offset and, for each (offset, "
+           "row_bytes) segment, count rows from offset: only those bytes are copied to host "
+           "(the count now, the rows in wait()). Does not block.")
       .def("wait", &Ring::wait, py::arg("slot"), py::call_guard<py::gil_scoped_release>())
       .def("release", &Ring::release, py::arg("slot"), py::call_guard<py::gil_scoped_release>())
       .def("take", &Ring::take, py::arg("slot"), py::call_guard<py::gil_scoped_release>())

@@ -3,7 +3,7 @@ plain PyTorch, on CPU and (when present) CUDA."""
 import pytest
 import torch
 
-from fastcap import _ops
+from fastcap import _C, _ops
 from conftest import DEVICES, assert_mean_close, distinct_along
 
 N, T, C = 3, 7, 16
@@ -320,3 +320,39 @@ def _opcheck_samples(device):
 def test_token_opcheck(device, sample):
     op, args = _opcheck_samples(device)[sample]
     torch.library.opcheck(op, args)
+
+
+# --- the ring's counted commit (CPU: the op wrote host memory) -------------------------
+
+def test_ring_commit_counted_on_host():
+    ring = _C.Ring(2, False)
+    try:
+        src = torch.randn(2, 6, 4)
+        keep = torch.zeros(2, 6, dtype=torch.bool)
+        keep[0, :4] = True
+        keep[1, 2] = True
+        row_bytes = 4 * 4
+        # The count first, then room for N*T rows: the slot's bytes end with the counted rows.
+        slot = ring.acquire(8 + 12 * row_bytes, 0.0)
+        host = ring.host(slot)
+        count = host[:8].view(torch.int64)
+        rows = host[8:8 + 12 * row_bytes].view(torch.float32).view(12, 4)
+        _ops.tokens_into(src, keep, 1, rows, count)
+        ring.commit_counted(slot, 0, [(8, row_bytes)], False)
+        ring.wait(slot)
+        taken = ring.take(slot)
+        assert taken.numel() == 8 + 5 * row_bytes
+        assert taken[:8].view(torch.int64).item() == 5
+        assert torch.equal(taken[8:].view(torch.float32).view(5, 4), src[keep])
+        assert ring.stats()["bytes_captured"] == 8 + 5 * row_bytes
+        with pytest.raises(RuntimeError, match="was not acquired"):
+            ring.commit_counted(slot, 0, [], False)
+        slot = ring.acquire(64, 0.0)
+        ring.host(slot)[:8].view(torch.int64).fill_(1000)  # 1000 rows do not fit
+        with pytest.raises(RuntimeError, match="overrun the slot's capacity"):
+            ring.commit_counted(slot, 0, [(8, 16)], False)
+        ring.host(slot)[:8].view(torch.int64).fill_(2)
+        ring.commit_counted(slot, 0, [(8, 16)], False)  # still acquired after the failure
+        ring.release(slot)
+    finally:
+        ring.close()
