@@ -4,6 +4,8 @@
 
 #include <ATen/ATen.h>
 
+#include <optional>
+#include <string_view>
 #include <vector>
 
 namespace fastcap {
@@ -74,6 +76,70 @@ inline std::vector<int64_t> topk_shape(const at::Tensor& src, int64_t channel, i
 inline void check_topk_args(const at::Tensor& src, int64_t channel, int64_t k) {
   TORCH_CHECK_VALUE(k >= 1 && k <= src.size(channel), "k=", k, " is out of range [1, ",
                     src.size(channel), "] for channel dim ", channel, " of shape ", src.sizes());
+}
+
+// Outputs whose dtype is the caller's choice (tokens_into casts on the way).
+inline void check_out_layout(const at::Tensor& out, const char* name, at::IntArrayRef sizes,
+                             const at::Tensor& src) {
+  TORCH_CHECK_VALUE(out.sizes() == sizes, name, " must have shape ", sizes, ", got ", out.sizes());
+  TORCH_CHECK_VALUE(out.device() == src.device(), name, " must be on ", src.device(), " like src, got ",
+                    out.device());
+  TORCH_CHECK_VALUE(out.is_contiguous(), name, " must be contiguous");
+}
+
+// Language models: activations [N, T, C] (T the token dim, channels last) and the bool
+// mask [N, T] of the tokens to keep.
+struct TokenDims {
+  int64_t N, T, C;
+};
+
+inline void check_keep(const at::Tensor& keep) {
+  TORCH_CHECK_VALUE(keep.scalar_type() == at::kBool, "keep must be a bool mask [N, T], got dtype ",
+                    keep.scalar_type());
+  TORCH_CHECK_VALUE(keep.dim() == 2, "keep must be a bool mask [N, T], got shape ", keep.sizes());
+}
+
+inline TokenDims check_tokens(const at::Tensor& src, const at::Tensor& keep, int64_t token_dim) {
+  TORCH_CHECK_VALUE(src.dim() == 3 && (token_dim == 1 || token_dim == -2),
+                    "tokens need [N, T, C] with token_dim=1, got shape ", src.sizes(),
+                    " and token_dim=", token_dim);
+  const TokenDims d{src.size(0), src.size(1), src.size(2)};
+  check_keep(keep);
+  TORCH_CHECK_VALUE(keep.size(0) == d.N && keep.size(1) == d.T, "keep must have shape [", d.N, ", ",
+                    d.T, "] (src's [N, T]), got ", keep.sizes());
+  TORCH_CHECK_VALUE(keep.device() == src.device(), "keep must be on ", src.device(),
+                    " like src, got ", keep.device());
+  return d;
+}
+
+inline void check_token_ids(const std::optional<at::Tensor>& ids, const at::Tensor& keep) {
+  if (!ids.has_value()) return;
+  TORCH_CHECK_VALUE(at::isIntegralType(ids->scalar_type(), /*includeBool=*/false),
+                    "ids must be an integer tensor, got dtype ", ids->scalar_type());
+  TORCH_CHECK_VALUE(ids->sizes() == keep.sizes(), "ids must have keep's shape ", keep.sizes(),
+                    ", got ", ids->sizes());
+  TORCH_CHECK_VALUE(ids->device() == keep.device(), "ids must be on ", keep.device(),
+                    " like keep, got ", ids->device());
+}
+
+enum class PoolMode { kMean, kMax, kFirst, kLast };
+
+inline PoolMode parse_pool_mode(std::string_view reduce) {
+  if (reduce == "mean") return PoolMode::kMean;
+  if (reduce == "max") return PoolMode::kMax;
+  if (reduce == "first") return PoolMode::kFirst;
+  if (reduce == "last") return PoolMode::kLast;
+  TORCH_CHECK_VALUE(false, "reduce must be one of mean|max|first|last, got '", reduce, "'");
+}
+
+// pool_tokens_into's dst: float32 for a mean, src's dtype otherwise.
+inline at::ScalarType pool_dtype(PoolMode mode, const at::Tensor& src) {
+  return mode == PoolMode::kMean ? at::kFloat : src.scalar_type();
+}
+
+inline void check_tokens_topk(const TokenDims& d, int64_t k) {
+  TORCH_CHECK_VALUE(k >= 1 && k <= d.C, "k=", k, " is out of range [1, ", d.C, "] for tokens of shape [",
+                    d.N, ", ", d.T, ", ", d.C, "]");
 }
 
 }  // namespace fastcap

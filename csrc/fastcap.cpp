@@ -5,6 +5,7 @@
 // registers its kernels in its own TORCH_LIBRARY_IMPL block: csrc/cpu/, csrc/cuda/.
 #include "ring.h"
 
+#include <pybind11/stl.h>  // segments: list[tuple[int, int]]
 #include <torch/extension.h>
 #include <torch/library.h>
 #include <torch/version.h>
@@ -18,6 +19,25 @@ TORCH_LIBRARY(fastcap, m) {
   m.def("mean_into(Tensor src, int channel_dim, Tensor(a!) dst) -> ()");
   // reduce="topk": torch.topk(src, k, dim=channel_dim), largest first.
   m.def("topk_into(Tensor src, int k, int channel_dim, Tensor(a!) values, Tensor(b!) indices) -> ()");
+
+  // Language models: src [N, T, C] (token_dim 1, channels last), keep a bool mask [N, T]
+  // of the real tokens. Outputs sized for N*T rows hold the kept ones first, in (sample,
+  // position) order, and count (int64 [1]) says how many: nothing is read back on the host.
+  // reduce="tokens": rows[:count] = src[keep], cast to rows' dtype; rows [N*T, C].
+  m.def("tokens_into(Tensor src, Tensor keep, int token_dim, Tensor(a!) rows, Tensor(b!) count) -> ()");
+  // Where each kept token came from: sample_offset + n, t and ids[n, t] (-1 without ids).
+  m.def(
+      "token_index_into(Tensor keep, Tensor? ids, int sample_offset, Tensor(a!) sample, "
+      "Tensor(b!) position, Tensor(c!) token_id, Tensor(d!) count) -> ()");
+  // reduce="mean"|"max"|"first"|"last" over each sample's kept tokens: dst [N, C] (float32
+  // for mean, src's dtype otherwise); zeros for a sample with none. (Not named `mode`:
+  // torch.compile's auto_functionalized passes the op's arguments as keywords next to its
+  // own `mode`.)
+  m.def("pool_tokens_into(Tensor src, Tensor keep, int token_dim, str reduce, Tensor(a!) dst) -> ()");
+  // reduce="topk" per kept token: torch.topk(src[keep], k) into values/indices [N*T, k].
+  m.def(
+      "tokens_topk_into(Tensor src, Tensor keep, int token_dim, int k, Tensor(a!) values, "
+      "Tensor(b!) indices, Tensor(c!) count) -> ()");
 }
 
 namespace {
@@ -100,6 +120,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("host", &Ring::host, py::arg("slot"))
       .def("staging", &Ring::staging, py::arg("slot"), py::arg("device"))
       .def("commit", &Ring::commit, py::arg("slot"), py::arg("nbytes"), py::arg("from_staging"))
+      .def("commit_counted", &Ring::commit_counted, py::arg("slot"), py::arg("count_offset"),
+           py::arg("segments"), py::arg("from_staging"),
+           "Commits a slot holding an int64 count at count_offset and, for each (offset, "
+           "row_bytes) segment, count rows from offset: only those bytes are copied to host "
+           "(the count now, the rows in wait()). Does not block.")
       .def("wait", &Ring::wait, py::arg("slot"), py::call_guard<py::gil_scoped_release>())
       .def("release", &Ring::release, py::arg("slot"), py::call_guard<py::gil_scoped_release>())
       .def("take", &Ring::take, py::arg("slot"), py::call_guard<py::gil_scoped_release>())

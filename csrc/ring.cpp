@@ -1,12 +1,15 @@
 // Locking: only calls that can block let go of the GIL (acquire with a timeout, wait,
-// release, take, close); host, staging, commit, stats and free_slots keep it. That is
-// deadlock-free because nothing done while holding mutex_ needs the GIL, in any method:
+// release, take, close); host, staging, commit, commit_counted, stats and free_slots keep
+// it. That is deadlock-free because nothing done while holding mutex_ needs the GIL, in
+// any method:
 //   - no at::Tensor is destroyed under the lock: a swapped-out staging buffer is moved
 //     to a graveyard that dies after unlock (staging(), close()), and no tensor is made
 //     under it either (views in host() and take(), staging buffers in staging());
 //   - host blocks come from the pool outside the lock (acquire()); blocks let go go back
 //     to the pool after unlock. The pool takes only its own mutex, never the GIL;
-//   - device waits (cudaEventSynchronize) release the lock (wait_copy_locked());
+//   - device waits (cudaEventSynchronize) release the lock (wait_copy_locked()); what is
+//     queued under it (events, copies from pinned memory, a counted commit's rows in
+//     wait()) does not block;
 //   - TORCH_WARN only logs, or queues for Python (never the GIL); close() still warns
 //     about failed copies after unlock;
 //   - the other locks taken under mutex_ (the pool's, the timeline's) never wait for it.
@@ -16,6 +19,8 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cstring>
+#include <optional>
 #include <string>
 #include <utility>
 
@@ -99,6 +104,16 @@ Ring::~Ring() {
   } catch (const std::exception& e) {
     TORCH_WARN("fastcap ring: error while freeing a ring: ", e.what());
   }
+}
+
+void Ring::reset_locked(Slot& s) {
+  s.state = State::kFree;
+  s.nbytes = 0;
+  s.count_offset = -1;
+  s.segments.clear();
+#ifdef FASTCAP_WITH_CUDA
+  s.rows_unqueued = false;
+#endif
 }
 
 Ring::Slot& Ring::slot_locked(int64_t slot, const char* what) {
@@ -261,21 +276,116 @@ void Ring::commit(int64_t slot, int64_t nbytes, bool from_staging) {
               " was not acquired");
   TORCH_CHECK_VALUE(nbytes >= 0 && nbytes <= s.capacity, "fastcap ring: commit(): nbytes ",
                     nbytes, " does not fit slot capacity ", s.capacity);
+#ifdef FASTCAP_WITH_CUDA
+  std::optional<c10::cuda::CUDAGuard> guard;
+  cudaStream_t side = nullptr;
+  if (from_staging) {
+    TORCH_CHECK(s.staging.defined(), "fastcap ring: commit(): slot ", slot, " has no staging");
+    // Otherwise the events and the copy would be issued on the current device, not the
+    // staging buffer's.
+    guard.emplace(s.staging.device().index());
+    side = start_copy_locked(s, slot, "commit");
+  }
+#else
+  TORCH_CHECK(!from_staging, "fastcap was built without CUDA: commit(from_staging=True) is unavailable");
+#endif
   s.state = State::kCommitted;
   s.nbytes = nbytes;
+  s.count_offset = -1;
+  s.segments.clear();
   stats_.commits += 1;
   stats_.bytes_captured += nbytes;
   if (!from_staging) return;
 #ifdef FASTCAP_WITH_CUDA
-  TORCH_CHECK(s.staging.defined(), "fastcap ring: commit(): slot ", slot, " has no staging");
-  TORCH_CHECK(pinned_, "fastcap ring: a device-to-host copy needs a pinned ring");
-  const c10::DeviceIndex dev = s.staging.device().index();
+  if (nbytes > 0) {
+    C10_CUDA_CHECK(cudaMemcpyAsync(s.host->data, s.staging.data_ptr(), nbytes,
+                                   cudaMemcpyDeviceToHost, side));
+  }
+  C10_CUDA_CHECK(cudaEventRecord(s.copy_done, side));
+  s.copy_pending = true;
+  s.rows_pending = false;
+  s.pending_bytes = nbytes;
+  ++s.copy_seq;
+#endif
+}
+
+int64_t Ring::counted_extent(int64_t slot, int64_t capacity, int64_t count_offset,
+                             const Segments& segments, int64_t count) {
+  TORCH_CHECK(count >= 0, "fastcap ring: slot ", slot, ": the count at offset ", count_offset,
+              " is negative (", count, ")");
+  int64_t extent = count_offset + static_cast<int64_t>(sizeof(int64_t));
+  for (const auto& [offset, row_bytes] : segments) {
+    TORCH_CHECK(row_bytes == 0 || count <= (capacity - offset) / row_bytes, "fastcap ring: slot ", slot,
+                ": ", count, " rows of ", row_bytes, " bytes at offset ", offset,
+                " overrun the slot's capacity ", capacity);
+    extent = std::max(extent, offset + count * row_bytes);
+  }
+  return extent;
+}
+
+void Ring::commit_counted(int64_t slot, int64_t count_offset, const Segments& segments,
+                          bool from_staging) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  Slot& s = slot_locked(slot, "commit_counted");
+  TORCH_CHECK(s.state == State::kWriting, "fastcap ring: commit_counted(): slot ", slot,
+              " was not acquired");
+  constexpr int64_t kCountBytes = sizeof(int64_t);
+  TORCH_CHECK_VALUE(count_offset >= 0 && count_offset <= s.capacity - kCountBytes,
+                    "fastcap ring: commit_counted(): count_offset ", count_offset,
+                    " does not fit slot capacity ", s.capacity);
+  for (const auto& [offset, row_bytes] : segments) {
+    TORCH_CHECK_VALUE(offset >= 0 && offset <= s.capacity && row_bytes >= 0,
+                      "fastcap ring: commit_counted(): segment (", offset, ", ", row_bytes,
+                      ") does not fit slot capacity ", s.capacity);
+  }
+  if (!from_staging) {
+    // The op wrote host memory: the count is there already.
+    int64_t count = 0;
+    std::memcpy(&count, static_cast<const char*>(s.host->data) + count_offset, kCountBytes);
+    const int64_t extent = counted_extent(slot, s.capacity, count_offset, segments, count);
+    s.state = State::kCommitted;
+    s.nbytes = extent;
+    s.count_offset = count_offset;
+    s.segments = segments;
+    stats_.commits += 1;
+    stats_.bytes_captured += extent;
+    return;
+  }
+#ifdef FASTCAP_WITH_CUDA
+  TORCH_CHECK(s.staging.defined(), "fastcap ring: commit_counted(): slot ", slot, " has no staging");
   // Otherwise the events and the copy would be issued on the current device, not the
   // staging buffer's.
-  c10::cuda::CUDAGuard guard(dev);
+  c10::cuda::CUDAGuard guard(s.staging.device().index());
+  cudaStream_t side = start_copy_locked(s, slot, "commit_counted");
+  // Only the count crosses now: the forward does not wait for it, and the rows it
+  // counts are queued by wait(), on the consumer's thread, once it has landed.
+  C10_CUDA_CHECK(cudaMemcpyAsync(static_cast<char*>(s.host->data) + count_offset,
+                                 static_cast<const char*>(s.staging.const_data_ptr()) + count_offset,
+                                 kCountBytes, cudaMemcpyDeviceToHost, side));
+  C10_CUDA_CHECK(cudaEventRecord(s.copy_done, side));
+  s.state = State::kCommitted;
+  s.nbytes = count_offset + kCountBytes;  // until the count is known
+  s.count_offset = count_offset;
+  s.segments = segments;
+  s.copy_pending = true;
+  s.rows_pending = false;
+  s.rows_unqueued = true;
+  s.pending_bytes = kCountBytes;
+  ++s.copy_seq;
+  stats_.commits += 1;  // its bytes_captured are added once the count is known
+#else
+  TORCH_CHECK(false, "fastcap was built without CUDA: commit_counted(from_staging=True) is unavailable");
+#endif
+}
+
+#ifdef FASTCAP_WITH_CUDA
+cudaStream_t Ring::start_copy_locked(Slot& s, int64_t slot, const char* what) {
+  TORCH_CHECK(pinned_, "fastcap ring: ", what, "(): slot ", slot,
+              ": a device-to-host copy needs a pinned ring");
+  const c10::DeviceIndex dev = s.staging.device().index();
   if (s.compute_done != nullptr && s.event_device != dev) {
     // The key's activations moved to another GPU: events belong to one device.
-    for (cudaEvent_t* ev : {&s.compute_done, &s.copy_start, &s.copy_done}) {
+    for (cudaEvent_t* ev : {&s.compute_done, &s.copy_start, &s.copy_done, &s.rows_start, &s.rows_done}) {
       C10_CUDA_CHECK(cudaEventDestroy(*ev));
       *ev = nullptr;
     }
@@ -284,6 +394,8 @@ void Ring::commit(int64_t slot, int64_t nbytes, bool from_staging) {
     C10_CUDA_CHECK(cudaEventCreateWithFlags(&s.compute_done, cudaEventDisableTiming));
     C10_CUDA_CHECK(cudaEventCreate(&s.copy_start));
     C10_CUDA_CHECK(cudaEventCreate(&s.copy_done));
+    C10_CUDA_CHECK(cudaEventCreate(&s.rows_start));
+    C10_CUDA_CHECK(cudaEventCreate(&s.rows_done));
     s.event_device = dev;
   }
   auto it = side_streams_.find(dev);
@@ -300,52 +412,82 @@ void Ring::commit(int64_t slot, int64_t nbytes, bool from_staging) {
   C10_CUDA_CHECK(cudaEventRecord(s.compute_done, compute));
   C10_CUDA_CHECK(cudaStreamWaitEvent(side, s.compute_done, 0));
   C10_CUDA_CHECK(cudaEventRecord(s.copy_start, side));
-  if (nbytes > 0) {
-    C10_CUDA_CHECK(cudaMemcpyAsync(s.host->data, s.staging.data_ptr(), nbytes,
-                                   cudaMemcpyDeviceToHost, side));
-  }
-  C10_CUDA_CHECK(cudaEventRecord(s.copy_done, side));
-  s.copy_pending = true;
-#else
-  TORCH_CHECK(false, "fastcap was built without CUDA: commit(from_staging=True) is unavailable");
-#endif
+  return side;
 }
 
-void Ring::wait_copy_locked(Slot& s, std::unique_lock<std::mutex>& lock) {
+void Ring::queue_counted_rows_locked(Slot& s) {
+  s.rows_unqueued = false;
+  const int64_t slot = &s - slots_.data();
+  int64_t count = 0;
+  std::memcpy(&count, static_cast<const char*>(s.host->data) + s.count_offset, sizeof(count));
+  const int64_t extent = counted_extent(slot, s.capacity, s.count_offset, s.segments, count);
+  s.nbytes = extent;
+  stats_.bytes_captured += extent;
+  // The side stream already waited for the op's work (the count's copy came after it).
+  c10::cuda::CUDAGuard guard(s.event_device);
+  cudaStream_t side = side_streams_.at(s.event_device).stream();
+  C10_CUDA_CHECK(cudaEventRecord(s.rows_start, side));
+  int64_t bytes = 0;
+  for (const auto& [offset, row_bytes] : s.segments) {
+    const int64_t n = count * row_bytes;
+    if (n == 0) continue;
+    C10_CUDA_CHECK(cudaMemcpyAsync(static_cast<char*>(s.host->data) + offset,
+                                   static_cast<const char*>(s.staging.const_data_ptr()) + offset, n,
+                                   cudaMemcpyDeviceToHost, side));
+    bytes += n;
+  }
+  C10_CUDA_CHECK(cudaEventRecord(s.rows_done, side));
+  s.copy_pending = true;
+  s.rows_pending = true;
+  s.pending_bytes = bytes;
+  ++s.copy_seq;
+}
+#endif
+
+void Ring::wait_copy_locked(Slot& s, std::unique_lock<std::mutex>& lock, bool rows) {
 #ifdef FASTCAP_WITH_CUDA
-  if (!s.copy_pending) return;
-  cudaEvent_t start = s.copy_start, done = s.copy_done;
-  cudaEvent_t epoch = timeline_ ? timeline_->epoch(s.event_device) : nullptr;
-  const c10::DeviceIndex device = s.event_device;
-  const int64_t nbytes = s.nbytes;
-  // Do not hold the lock across a device wait: the producer may need it meanwhile. The
-  // waiter count keeps close() from destroying the events under us.
-  ++s.waiters;
-  lock.unlock();
-  cudaError_t err = cudaEventSynchronize(done);
-  float ms = 0.f, since_epoch_ms = 0.f;
-  if (err == cudaSuccess) err = cudaEventElapsedTime(&ms, start, done);
-  // The epoch may sit on another ring's side stream: it need not have passed yet.
-  if (err == cudaSuccess && epoch != nullptr) err = cudaEventSynchronize(epoch);
-  if (err == cudaSuccess && epoch != nullptr) err = cudaEventElapsedTime(&since_epoch_ms, epoch, start);
-  lock.lock();
-  --s.waiters;
-  freed_.notify_all();
-  C10_CUDA_CHECK(err);
-  if (s.copy_pending && s.copy_done == done) {  // the first of concurrent waiters counts it
-    s.copy_pending = false;
-    stats_.d2h_bytes += nbytes;
-    stats_.d2h_seconds += ms / 1000.0;
-    if (epoch != nullptr) {
-      // end = start + the copy's own elapsed time, not elapsed(epoch, done): a float of
-      // ms since the epoch loses precision as the run goes on, the copy's length need not.
-      const double start_s = since_epoch_ms / 1000.0;
-      timeline_->add(device, start_s, start_s + ms / 1000.0, nbytes);
+  while (true) {
+    if (!s.copy_pending) {
+      // A counted commit's count has landed: now its rows (on a thread that reads them).
+      if (!(rows && s.rows_unqueued)) return;
+      queue_counted_rows_locked(s);
+    }
+    const uint64_t seq = s.copy_seq;
+    cudaEvent_t start = s.rows_pending ? s.rows_start : s.copy_start;
+    cudaEvent_t done = s.rows_pending ? s.rows_done : s.copy_done;
+    cudaEvent_t epoch = timeline_ ? timeline_->epoch(s.event_device) : nullptr;
+    const c10::DeviceIndex device = s.event_device;
+    const int64_t nbytes = s.pending_bytes;
+    // Do not hold the lock across a device wait: the producer may need it meanwhile. The
+    // waiter count keeps close() from destroying the events under us.
+    ++s.waiters;
+    lock.unlock();
+    cudaError_t err = cudaEventSynchronize(done);
+    float ms = 0.f, since_epoch_ms = 0.f;
+    if (err == cudaSuccess) err = cudaEventElapsedTime(&ms, start, done);
+    // The epoch may sit on another ring's side stream: it need not have passed yet.
+    if (err == cudaSuccess && epoch != nullptr) err = cudaEventSynchronize(epoch);
+    if (err == cudaSuccess && epoch != nullptr) err = cudaEventElapsedTime(&since_epoch_ms, epoch, start);
+    lock.lock();
+    --s.waiters;
+    freed_.notify_all();
+    C10_CUDA_CHECK(err);
+    if (s.copy_pending && s.copy_seq == seq) {  // the first of concurrent waiters counts it
+      s.copy_pending = false;
+      stats_.d2h_bytes += nbytes;
+      stats_.d2h_seconds += ms / 1000.0;
+      if (epoch != nullptr) {
+        // end = start + the copy's own elapsed time, not elapsed(epoch, done): a float of
+        // ms since the epoch loses precision as the run goes on, the copy's length need not.
+        const double start_s = since_epoch_ms / 1000.0;
+        timeline_->add(device, start_s, start_s + ms / 1000.0, nbytes);
+      }
     }
   }
 #else
   (void)s;
   (void)lock;
+  (void)rows;
 #endif
 }
 
@@ -361,10 +503,10 @@ void Ring::release(int64_t slot) {
   std::unique_lock<std::mutex> lock(mutex_);
   if (closed_) return;  // nothing left to release
   Slot& s = slot_locked(slot, "release");
-  // A slot is only handed back once nothing still writes into its host memory.
-  wait_copy_locked(s, lock);
-  s.state = State::kFree;
-  s.nbytes = 0;
+  // A slot is only handed back once nothing still writes into its host memory (a counted
+  // commit's rows nobody waited for are not copied at all).
+  wait_copy_locked(s, lock, /*rows=*/false);
+  reset_locked(s);
   lock.unlock();
   freed_.notify_all();
 }
@@ -379,8 +521,7 @@ at::Tensor Ring::take(int64_t slot) {
   owner = std::move(s.host);
   const int64_t nbytes = s.nbytes;
   const int64_t capacity = s.capacity;
-  s.state = State::kFree;
-  s.nbytes = 0;
+  reset_locked(s);
   lock.unlock();
   freed_.notify_all();
   // The result tensor owns the buffer now: freed, not cached, when it dies. Its storage
@@ -409,7 +550,7 @@ void Ring::close() {
   if (closed_) return;
   for (auto& s : slots_) {
     try {
-      wait_copy_locked(s, lock);
+      wait_copy_locked(s, lock, /*rows=*/false);
     } catch (const std::exception& e) {
       warnings.emplace_back(e.what());
     }
@@ -421,7 +562,7 @@ void Ring::close() {
 #endif
   for (auto& s : slots_) {
 #ifdef FASTCAP_WITH_CUDA
-    for (cudaEvent_t* ev : {&s.compute_done, &s.copy_start, &s.copy_done}) {
+    for (cudaEvent_t* ev : {&s.compute_done, &s.copy_start, &s.copy_done, &s.rows_start, &s.rows_done}) {
       if (*ev != nullptr) C10_CUDA_CHECK_WARN(cudaEventDestroy(*ev));
       *ev = nullptr;
     }
@@ -430,7 +571,7 @@ void Ring::close() {
     staging_graveyard.push_back(std::move(s.staging));
     host_graveyard.push_back(std::move(s.host));
     s.capacity = 0;
-    s.state = State::kFree;
+    reset_locked(s);
   }
 #ifdef FASTCAP_WITH_CUDA
   side_streams_.clear();

@@ -20,6 +20,7 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <utility>
 #include <vector>
 
 #include "host_pool.h"
@@ -105,7 +106,22 @@ class Ring {
   // stream, after that work.
   void commit(int64_t slot, int64_t nbytes, bool from_staging);
 
-  // Blocks until a committed slot's host bytes are final (its copy has landed).
+  // (offset, row_bytes) of each output of a counted commit, in bytes within the slot.
+  using Segments = std::vector<std::pair<int64_t, int64_t>>;
+
+  // Commits a slot whose outputs are sized for an upper bound of rows of which only the
+  // first `count` are real, count being the int64 the op wrote at count_offset: each
+  // segment holds count rows of row_bytes from its offset. The slot's bytes are then
+  // [0, extent), extent = max(count_offset + 8, offset + count * row_bytes over segments).
+  // from_staging: the op wrote the staging buffer on the current stream, and count is only
+  // known on the device; only its 8 bytes are queued now (on the side stream, after that
+  // work), and wait() reads the count once it has landed and then copies count * row_bytes
+  // of each segment (so release() without a wait() copies no rows). Otherwise the op wrote
+  // host memory: the count is read here and nothing is copied. Never blocks.
+  void commit_counted(int64_t slot, int64_t count_offset, const Segments& segments, bool from_staging);
+
+  // Blocks until a committed slot's host bytes are final (its copy has landed; for a
+  // counted commit from staging: its count, then the rows it counts).
   void wait(int64_t slot);
 
   // Returns a slot to the free list: its memory may be overwritten from now on.
@@ -137,18 +153,43 @@ class Ring {
     State state = State::kFree;
     int64_t nbytes = 0;
     at::Tensor staging;  // device buffer; undefined until a CUDA capture needs it
+    // commit_counted(): where the count is, and the segments it counts rows of.
+    int64_t count_offset = -1;  // -1: a plain commit
+    Segments segments;
 #ifdef FASTCAP_WITH_CUDA
     bool copy_pending = false;      // a D2H copy was issued and not yet waited for
+    bool rows_unqueued = false;     // counted: the count's copy is queued, the rows' not yet
+    uint64_t copy_seq = 0;          // bumped per queued copy: concurrent waiters count it once
+    int64_t pending_bytes = 0;      // bytes of the pending copy
     cudaEvent_t compute_done = nullptr;  // on the compute stream, after the hook's kernel
-    cudaEvent_t copy_start = nullptr;    // on the side stream, timing the copy
+    cudaEvent_t copy_start = nullptr;    // on the side stream, timing the copy (or the count's)
     cudaEvent_t copy_done = nullptr;
+    cudaEvent_t rows_start = nullptr;    // timing a counted commit's rows, queued by wait()
+    cudaEvent_t rows_done = nullptr;
+    bool rows_pending = false;           // the pending copy is the rows' (rows_* events)
     c10::DeviceIndex event_device = -1;  // the device the events were made on
     int waiters = 0;                     // threads inside wait_copy_locked() for this slot
 #endif
   };
 
   Slot& slot_locked(int64_t slot, const char* what);
-  void wait_copy_locked(Slot& s, std::unique_lock<std::mutex>& lock);
+  // Back to free, with no counted commit.
+  static void reset_locked(Slot& s);
+  // Bytes [0, extent) a counted commit of `count` rows covers; throws if past capacity.
+  static int64_t counted_extent(int64_t slot, int64_t capacity, int64_t count_offset,
+                                const Segments& segments, int64_t count);
+  // Waits for the slot's pending copy. rows: for a counted commit from staging, also
+  // queue and wait for the rows once the count has landed (release() and close() only
+  // need nothing in flight, and pass false).
+  void wait_copy_locked(Slot& s, std::unique_lock<std::mutex>& lock, bool rows = true);
+#ifdef FASTCAP_WITH_CUDA
+  // Makes the slot's events and the side stream, and queues on it a wait for the work
+  // on the current (compute) stream, then copy_start. Returns the side stream. The
+  // current device must be the staging buffer's.
+  cudaStream_t start_copy_locked(Slot& s, int64_t slot, const char* what);
+  // A counted commit's rows, once its count has landed in host memory.
+  void queue_counted_rows_locked(Slot& s);
+#endif
 
   const bool pinned_;
   const std::shared_ptr<BusyTimeline> timeline_;  // may be null

@@ -6,6 +6,8 @@ nothing.
 """
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 
 from fastcap import _ext  # noqa: F401  (loads fastcap._C, which registers the ops)
@@ -39,6 +41,85 @@ def topk_into(src: torch.Tensor, k: int, channel_dim: int, values: torch.Tensor,
     _ops.topk_into(src, k, channel_dim, values, indices)
 
 
+def tokens_into(src: torch.Tensor, keep: torch.Tensor, token_dim: int, rows: torch.Tensor,
+                count: torch.Tensor) -> None:
+    """The kept tokens' rows of ``src`` ``[N, T, C]``, compacted in (sample, position) order:
+    ``rows[:n] = src[keep]`` (cast to ``rows.dtype``) and ``count[0] = n = keep.sum()``.
+
+    ``keep`` is a bool ``[N, T]`` on ``src``'s device and ``token_dim`` must be 1 (or -2):
+    the channels are the last dim. ``rows`` is ``[N*T, C]``, an upper bound: the rows
+    past ``n`` are left as they are. ``count`` is int64 ``[1]``. On CUDA nothing is read
+    back on the host (``n`` stays on the device).
+
+    Example::
+
+        x = torch.randn(2, 5, 8)
+        keep = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
+        rows, count = torch.empty(10, 8), torch.empty(1, dtype=torch.int64)
+        fastcap._ops.tokens_into(x, keep, 1, rows, count)   # rows[:8] == x[keep], count == [8]
+    """
+    _ops.tokens_into(src, keep, token_dim, rows, count)
+
+
+def token_index_into(keep: torch.Tensor, ids: torch.Tensor | None, sample_offset: int,
+                     sample: torch.Tensor, position: torch.Tensor, token_id: torch.Tensor,
+                     count: torch.Tensor) -> None:
+    """Where each kept token of ``keep`` (bool ``[N, T]``) came from, in the order of
+    :func:`tokens_into`: ``sample = sample_offset + n``, ``position = t`` and
+    ``token_id = ids[n, t]`` (-1 when ``ids`` is None; ``ids`` any integer dtype, of
+    ``keep``'s shape). Outputs are int64 ``[N*T]`` (upper bounds), ``count`` int64 ``[1]``.
+
+    Example::
+
+        keep = torch.tensor([[0, 1, 1], [1, 0, 0]], dtype=torch.bool)
+        ids = torch.tensor([[0, 7, 8], [9, 0, 0]])
+        sample, position, token_id = (torch.empty(6, dtype=torch.int64) for _ in range(3))
+        count = torch.empty(1, dtype=torch.int64)
+        fastcap._ops.token_index_into(keep, ids, 100, sample, position, token_id, count)
+        # count == [3]; sample[:3] == [100, 100, 101], position[:3] == [1, 2, 0],
+        # token_id[:3] == [7, 8, 9]
+    """
+    _ops.token_index_into(keep, ids, sample_offset, sample, position, token_id, count)
+
+
+def pool_tokens_into(src: torch.Tensor, keep: torch.Tensor, token_dim: int,
+                     reduce: Literal["mean", "max", "first", "last"], dst: torch.Tensor) -> None:
+    """``dst[n]`` = ``src[n]`` ``[T, C]`` pooled over its kept tokens (``keep[n]``), by ``reduce``:
+
+    - ``"mean"``: float32 ``dst``, summed in float32 (sentence-transformers' masked mean);
+    - ``"max"``: the max over the kept tokens, in ``src``'s dtype;
+    - ``"first"`` / ``"last"``: the first / last kept token's row, in ``src``'s dtype.
+
+    ``dst`` is ``[N, C]``, contiguous; a sample with no kept token gives a row of zeros.
+
+    Example::
+
+        x = torch.randn(2, 4, 8)
+        keep = torch.tensor([[1, 1, 0, 0], [0, 1, 1, 1]], dtype=torch.bool)
+        out = torch.empty(2, 8)
+        fastcap._ops.pool_tokens_into(x, keep, 1, "mean", out)  # out[0] == x[0, :2].mean(0)
+    """
+    _ops.pool_tokens_into(src, keep, token_dim, reduce, dst)
+
+
+def tokens_topk_into(src: torch.Tensor, keep: torch.Tensor, token_dim: int, k: int,
+                     values: torch.Tensor, indices: torch.Tensor, count: torch.Tensor) -> None:
+    """``torch.topk(src[keep], k)`` (largest first, over the channels) compacted like
+    :func:`tokens_into`: ``values`` (``src``'s dtype) and int64 ``indices`` are
+    ``[N*T, k]``, of which the first ``count[0]`` rows are the kept tokens'; ``k`` in
+    ``[1, C]``. On CUDA the rows past ``count`` may be overwritten (with garbage).
+
+    Example::
+
+        x = torch.randn(2, 5, 16)
+        keep = torch.ones(2, 5, dtype=torch.bool)
+        values, indices = torch.empty(10, 4), torch.empty(10, 4, dtype=torch.int64)
+        count = torch.empty(1, dtype=torch.int64)
+        fastcap._ops.tokens_topk_into(x, keep, 1, 4, values, indices, count)
+    """
+    _ops.tokens_topk_into(src, keep, token_dim, k, values, indices, count)
+
+
 @torch.library.register_fake("fastcap::copy_into")
 def _copy_into_fake(src, dst) -> None:
     torch._check(src.shape == dst.shape, lambda: f"dst shape {dst.shape} != src shape {src.shape}")
@@ -52,3 +133,57 @@ def _mean_into_fake(src, channel_dim, dst) -> None:
 @torch.library.register_fake("fastcap::topk_into")
 def _topk_into_fake(src, k, channel_dim, values, indices) -> None:
     torch._check(indices.dtype == torch.int64, lambda: f"indices must be int64, got {indices.dtype}")
+
+
+def _token_dims_fake(src, keep, token_dim):
+    torch._check(src.dim() == 3 and token_dim in (1, -2),
+                 lambda: f"tokens need [N, T, C] with token_dim=1, got shape {list(src.shape)}")
+    n, t, c = src.shape
+    torch._check(keep.dtype == torch.bool, lambda: f"keep must be bool, got {keep.dtype}")
+    torch._check(keep.dim() == 2 and keep.shape[0] == n and keep.shape[1] == t,
+                 lambda: f"keep must have shape [{n}, {t}], got {list(keep.shape)}")
+    return n, t, c
+
+
+def _check_count_fake(count):
+    torch._check(count.dim() == 1 and count.shape[0] == 1 and count.dtype == torch.int64,
+                 lambda: f"count must be int64 [1], got {count.dtype} {list(count.shape)}")
+
+
+@torch.library.register_fake("fastcap::tokens_into")
+def _tokens_into_fake(src, keep, token_dim, rows, count) -> None:
+    n, t, c = _token_dims_fake(src, keep, token_dim)
+    torch._check(rows.dim() == 2 and rows.shape[0] == n * t and rows.shape[1] == c,
+                 lambda: f"rows must have shape [{n * t}, {c}], got {list(rows.shape)}")
+    _check_count_fake(count)
+
+
+@torch.library.register_fake("fastcap::token_index_into")
+def _token_index_into_fake(keep, ids, sample_offset, sample, position, token_id, count) -> None:
+    torch._check(keep.dim() == 2, lambda: f"keep must be [N, T], got {list(keep.shape)}")
+    n, t = keep.shape
+    for name, out in (("sample", sample), ("position", position), ("token_id", token_id)):
+        torch._check(out.dim() == 1 and out.shape[0] == n * t and out.dtype == torch.int64,
+                     lambda: f"{name} must be int64 [{n * t}], got {out.dtype} {list(out.shape)}")
+    _check_count_fake(count)
+
+
+@torch.library.register_fake("fastcap::pool_tokens_into")
+def _pool_tokens_into_fake(src, keep, token_dim, reduce, dst) -> None:
+    n, t, c = _token_dims_fake(src, keep, token_dim)
+    torch._check(reduce in ("mean", "max", "first", "last"),
+                 lambda: f"reduce must be one of mean|max|first|last, got {reduce!r}")
+    torch._check(dst.dim() == 2 and dst.shape[0] == n and dst.shape[1] == c,
+                 lambda: f"dst must have shape [{n}, {c}], got {list(dst.shape)}")
+    want = torch.float32 if reduce == "mean" else src.dtype
+    torch._check(dst.dtype == want, lambda: f"dst must be {want}, got {dst.dtype}")
+
+
+@torch.library.register_fake("fastcap::tokens_topk_into")
+def _tokens_topk_into_fake(src, keep, token_dim, k, values, indices, count) -> None:
+    n, t, c = _token_dims_fake(src, keep, token_dim)
+    for name, out in (("values", values), ("indices", indices)):
+        torch._check(out.dim() == 2 and out.shape[0] == n * t and out.shape[1] == k,
+                     lambda: f"{name} must have shape [{n * t}, {k}], got {list(out.shape)}")
+    torch._check(indices.dtype == torch.int64, lambda: f"indices must be int64, got {indices.dtype}")
+    _check_count_fake(count)

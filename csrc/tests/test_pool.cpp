@@ -203,7 +203,8 @@ void ring_round_trip_through_the_pool() {
     EXPECT(pool.stats().frees == s2.frees + 1);
   }
   EXPECT(fastcap::live_host_bytes() == live0);
-  EXPECT(pool.stats().cached_bytes == 3 * 5120);  // take()'s replacement came back too
+  // Every slot's block back in the cache, the one take() refilled the slot with included.
+  EXPECT(pool.stats().cached_bytes == 3 * 5120);
   fastcap::empty_cache();
 }
 

@@ -1,4 +1,5 @@
-// C++ tests of the ring (run by ctest): wraparound, backpressure, resize, close.
+// C++ tests of the ring (run by ctest): wraparound, backpressure, resize, close, counted
+// commits.
 #include "ring.h"
 
 #include <atomic>
@@ -143,8 +144,8 @@ void take_hands_the_buffer_over() {
   // Exactly the committed bytes: the storage is no larger either.
   EXPECT(taken.numel() == 200 && taken.data_ptr<uint8_t>()[199] == 3);
   EXPECT(taken.storage().nbytes() == 200);
-  // Detached: not ring memory any more; the slot already holds its next buffer (take()
-  // allocates it on the consumer's thread).
+  // Detached: not ring memory any more. The slot holds its next buffer already (take()
+  // refills it on the consumer's thread), as large as before.
   EXPECT(fastcap::live_host_bytes() == before + capacity);
   int64_t b = ring.acquire(128, 0.0);               // a fresh buffer, as large as before
   EXPECT(b == a && ring.host(b).numel() == capacity);
@@ -194,6 +195,73 @@ void concurrent_producers_and_growth() {
   EXPECT(fastcap::live_host_bytes() == before);
 }
 
+template <typename Fn>
+bool throws(Fn&& fn) {
+  try {
+    fn();
+  } catch (const c10::Error&) {
+    return true;
+  }
+  return false;
+}
+
+// commit_counted() on host memory (the op wrote it, as on CPU): the count is read at
+// commit, and the slot's bytes end with the last counted row.
+void counted_commit_on_host() {
+  const int64_t before = fastcap::live_host_bytes();
+  fastcap::Ring ring(2, false);
+  const int64_t a = ring.acquire(1024, 0.0);
+  const int64_t capacity = ring.host(a).numel();
+  auto* p = ring.host(a).data_ptr<uint8_t>();
+  auto put_count = [](uint8_t* at, int64_t count) { std::memcpy(at, &count, sizeof(count)); };
+  put_count(p, 3);                // the count first,
+  std::memset(p + 8, 5, 3 * 16);  // 3 rows of 16 bytes from offset 8,
+  std::memset(p + 512, 6, 3 * 4); // and 3 of 4 bytes from offset 512
+  EXPECT(throws([&] { ring.commit_counted(1 - a, 0, {}, false); }));  // not acquired
+  ring.commit_counted(a, 0, {{8, 16}, {512, 4}}, false);
+  EXPECT(ring.stats().commits == 1);
+  EXPECT(ring.stats().bytes_captured == 512 + 3 * 4);
+  EXPECT(throws([&] { ring.commit_counted(a, 0, {}, false); }));  // committed already
+  ring.wait(a);
+  at::Tensor taken = ring.take(a);
+  EXPECT(taken.numel() == 512 + 3 * 4);
+  const auto* t = taken.data_ptr<uint8_t>();
+  int64_t count = 0;
+  std::memcpy(&count, t, sizeof(count));
+  EXPECT(count == 3 && t[8 + 3 * 16 - 1] == 5 && t[512 + 3 * 4 - 1] == 6);
+  EXPECT(ring.free_slots() == 2);
+
+  // Counts that do not fit leave the slot acquired, as it was.
+  const int64_t b = ring.acquire(1024, 0.0);
+  auto* q = ring.host(b).data_ptr<uint8_t>();
+  put_count(q, capacity);  // capacity rows of 16 bytes: past the end
+  EXPECT(throws([&] { ring.commit_counted(b, 0, {{8, 16}}, false); }));
+  put_count(q, -1);
+  EXPECT(throws([&] { ring.commit_counted(b, 0, {{8, 16}}, false); }));
+  EXPECT(throws([&] { ring.commit_counted(b, capacity - 4, {}, false); }));  // count past the end
+  EXPECT(throws([&] { ring.commit_counted(b, -8, {}, false); }));
+  EXPECT(throws([&] { ring.commit_counted(b, 0, {{capacity + 1, 0}}, false); }));
+  EXPECT(ring.free_slots() == 1 && ring.stats().commits == 1);
+  // No rows: only the count's bytes, and a plain commit after it is plain again.
+  put_count(q, 0);
+  ring.commit_counted(b, 0, {{8, 16}}, false);
+  ring.wait(b);
+  ring.release(b);
+  EXPECT(ring.stats().bytes_captured == 512 + 3 * 4 + 8);
+  const int64_t c = ring.acquire(1024, 0.0);
+  ring.commit(c, 100, false);
+  EXPECT(ring.take(c).numel() == 100);
+#ifndef FASTCAP_WITH_CUDA
+  const int64_t d = ring.acquire(1024, 0.0);
+  EXPECT(throws([&] { ring.commit_counted(d, 0, {}, /*from_staging=*/true); }));
+  ring.release(d);
+#endif
+  EXPECT(ring.free_slots() == 2);
+  ring.close();
+  EXPECT(throws([&] { ring.commit_counted(0, 0, {}, false); }));  // closed
+  EXPECT(fastcap::live_host_bytes() == before);
+}
+
 }  // namespace
 
 int main() {
@@ -205,6 +273,7 @@ int main() {
       {"close_frees_and_wakes", close_frees_and_wakes},
       {"take_hands_the_buffer_over", take_hands_the_buffer_over},
       {"concurrent_producers_and_growth", concurrent_producers_and_growth},
+      {"counted_commit_on_host", counted_commit_on_host},
   };
   for (const auto& [name, fn] : tests) {
     const int before = failures;
