@@ -9,16 +9,17 @@ by side-stream copies, on CUDA.
             model(x)
     feats = cap.result()
 
-Everything a user calls is here: :func:`capture`, :class:`TopK`, :func:`extract`, :func:`open`,
-:func:`empty_cache`.
+Everything a user calls is here: :func:`capture`, :class:`TopK`, :class:`Tokens` (language models:
+which tokens are real), :class:`TokenIndex`, :func:`extract`, :func:`open`, :func:`empty_cache`.
 """
 from fastcap._ext import BUILT_WITH_CUDA, empty_cache
 from fastcap._slots import TopK
+from fastcap._tokens import TokenIndex, Tokens
 from fastcap.capture import Capture, capture
 from fastcap.extract import extract
 from fastcap.store import LayerArray, Store, open  # noqa: A004 (fastcap.open, like np.load)
 
 __version__ = "0.1.0"
 
-__all__ = ["capture", "Capture", "TopK", "extract", "open", "Store", "LayerArray", "empty_cache",
-           "BUILT_WITH_CUDA", "__version__"]
+__all__ = ["capture", "Capture", "TopK", "Tokens", "TokenIndex", "extract", "open", "Store", "LayerArray",
+           "empty_cache", "BUILT_WITH_CUDA", "__version__"]

@@ -49,6 +49,12 @@ class Part:
         raw = buf.narrow(0, self.offset, self.nbytes)
         return raw.view(self.dtype).as_strided(self.shape, self.strides)
 
+    def view_rows(self, buf: torch.Tensor, rows: int) -> torch.Tensor:
+        """The first ``rows`` rows of a contiguous part (a counted item's kept rows)."""
+        row_bytes = self.nbytes // self.shape[0] if self.shape[0] else 0
+        raw = buf.narrow(0, self.offset, rows * row_bytes)
+        return raw.view(self.dtype).view((rows,) + self.shape[1:])
+
 
 def contiguous_strides(shape: Tuple[int, ...]) -> Tuple[int, ...]:
     strides, acc = [], 1
@@ -142,11 +148,14 @@ class Item:
     other parts hold; only those rows are handed off.
     """
 
-    __slots__ = ("ring", "slot", "parts", "mode", "counted", "value", "_lock")
+    __slots__ = ("ring", "slot", "parts", "mode", "counted", "info", "value", "error", "_lock")
 
-    def __init__(self, ring, slot: int, parts: List[Part], mode: str, counted: bool = False):
+    def __init__(self, ring, slot: int, parts: List[Part], mode: str, counted: bool = False,
+                 info: Optional[dict] = None):
         self.ring, self.slot, self.parts, self.mode, self.counted = ring, slot, parts, mode, counted
+        self.info = info  # a token index's {"samples": N, "sample_offset": first sample number}
         self.value: Optional[Captured] = None
+        self.error: Optional[BaseException] = None  # why copying it out failed, if it did
         # The collector, a drain() in another thread and close() may all reach an item.
         self._lock = threading.Lock()
 
@@ -159,9 +168,15 @@ class Item:
         """Waits for the slot's bytes, moves them into host tensors of their own, and frees
         the slot; once (later calls return the same value)."""
         with self._lock:
+            if self.error is not None:
+                raise RuntimeError("fastcap: copying this activation out of its ring slot failed") from self.error
             if self.value is None and self.ring is not None:
                 start = time.perf_counter()
-                self.value = self._copy_out()
+                try:
+                    self.value = self._copy_out()
+                except Exception as exc:  # BaseException (Ctrl-C) leaves it to be tried again
+                    self.error = exc
+                    raise
                 self.ring = None
                 if on_copied is not None:
                     on_copied(time.perf_counter() - start)
@@ -174,7 +189,7 @@ class Item:
         if not self.counted:
             return [p.view(host) for p in self.parts]
         rows = int(self.parts[0].view(host)[0])
-        return [p.view(host)[:rows] for p in self.parts[1:]]
+        return [p.view_rows(host, rows) for p in self.parts[1:]]
 
     def _copy_out(self) -> Captured:
         ring = self.ring

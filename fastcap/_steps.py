@@ -214,7 +214,8 @@ class StepHooks:
             with self._cond:
                 offset, self._samples = self._samples, self._samples + n
             write_index_slot(ring, slot, keep, ids, offset, parts)
-            items[TOKEN_INDEX_KEY] = Item(ring, slot, parts, INDEX_MODE, counted=True)
+            items[TOKEN_INDEX_KEY] = Item(ring, slot, parts, INDEX_MODE, counted=True,
+                                          info={"samples": n, "sample_offset": offset})
         signature = (layer.key, "tokens", x.shape, x.dtype, x.device)
         parts = self._plans.get(signature)
         if parts is None:

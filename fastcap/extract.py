@@ -14,6 +14,7 @@ the same arguments skips their batches and produces the same bytes an uninterrup
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import shutil
@@ -30,6 +31,7 @@ from torch.utils.data import Dataset, IterableDataset
 from fastcap._distributed import ProcessGroup
 from fastcap._layers import model_device
 from fastcap._sources import batch_size, make_source, to_device
+from fastcap._tokens import Tokens
 from fastcap.capture import build_capture
 from fastcap.store import Store, open
 from fastcap.store._format import LOCK, MANIFEST, is_ours, out_error, read_json
@@ -55,6 +57,7 @@ def extract(
     progress: bool | None = None,
     forward: Callable[[torch.nn.Module, Any], Any] | None = None,
     depth: int = 4,
+    tokens: Tokens | None = None,
 ) -> "Store":
     """Run ``model`` over ``data`` and write the captured layers to ``out/``; return the store.
 
@@ -67,7 +70,12 @@ def extract(
             map-style dataset, stored rows carry the dataset indices and run in the
             loader's sampler order (dataset order when it shuffles, with a warning);
             for other iterables the indices are running sample counters.
-        layers, reduce, k, channel_dim, dtype, select, depth: as for :func:`fastcap.capture`.
+        layers, reduce, k, channel_dim, dtype, select, depth, tokens: as for
+            :func:`fastcap.capture`. With ``tokens=``, keys with one row per kept token
+            (``"tokens"``, token ``"topk"``) are stored token-major: ``store[key]`` is
+            ``[n_tokens, C]`` over all shards and ``store.tokens`` says where each row came from
+            (``sample`` = the dataset index, ``position``, ``token_id``); pooled keys keep one
+            row per sample.
         out: the output directory (created if missing).
         shard_size: samples per shard, the unit of crash safety and resume (whole batches,
             so a shard holds at least this many samples, the last one fewer).
@@ -99,13 +107,13 @@ def extract(
     store, _ = extract_with_stats(
         model, data, layers, reduce, out=out, k=k, channel_dim=channel_dim, dtype=dtype,
         select=select, shard_size=shard_size, overwrite=overwrite, progress=progress,
-        forward=forward, depth=depth,
+        forward=forward, depth=depth, tokens=tokens,
     )
     return store
 
 
 def extract_with_stats(model, data, layers, reduce, *, out, k, channel_dim, dtype, select, shard_size,
-                       overwrite, progress, forward, depth) -> tuple[Store, dict]:
+                       overwrite, progress, forward, depth, tokens=None) -> tuple[Store, dict]:
     """:func:`extract`, also returning run statistics (for the command line summary)."""
     _check_arguments(model, data, out, shard_size, depth)
     # Built first so that bad layers/reduce/k fail before out is touched; hooks come later.
@@ -113,14 +121,14 @@ def extract_with_stats(model, data, layers, reduce, *, out, k, channel_dim, dtyp
     # stays bounded), and full captures are laid out contiguously: rows go from the slot to the
     # .npy file as they are.
     cap = build_capture(model, layers, reduce, k=k, channel_dim=channel_dim, dtype=dtype,
-                        select=select, depth=depth, collect=False, keep_layout=False)
+                        select=select, depth=depth, collect=False, tokens=tokens, keep_layout=False)
     device = model_device(model)
     group = ProcessGroup.join(device)
     lock = None
     try:
         source = make_source(data, group.rank, group.world_size)
         args = _fingerprint(model, source, layers, reduce, k, channel_dim, dtype, select,
-                            shard_size, group.world_size)
+                            shard_size, group.world_size, tokens)
         group.check_same(args["model"], "model parameters")
         root = Path(out)
 
@@ -234,9 +242,10 @@ def _show_progress(progress: bool | None, rank: int) -> bool:
 
 
 def _fingerprint(model, source, layers, reduce, k, channel_dim, dtype, select, shard_size,
-                 world_size) -> dict:
+                 world_size, tokens=None) -> dict:
     """The arguments that determine the output; a resumed run must match them exactly."""
     return {
+        "tokens": None if tokens is None else _jsonable(dataclasses.asdict(tokens)),
         "layers": _jsonable(layers),
         "reduce": _jsonable(reduce),
         "k": _jsonable(k),

@@ -53,6 +53,59 @@ class Images(Dataset):
         return torch.randn(3, 8, 8, generator=generator), index
 
 
+class TinyLM(torch.nn.Module):
+    """[N, T] ids -> [N, T, 16] hidden states; attention_mask is a forward argument."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Embedding(50, 16)
+        self.block = torch.nn.Linear(16, 16)
+
+    def forward(self, input_ids, attention_mask=None):
+        return torch.tanh(self.block(self.embed(input_ids)))
+
+
+def tiny_lm() -> torch.nn.Module:
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(4321)
+    model = TinyLM().eval()
+    torch.random.set_rng_state(generator_state)
+    return model
+
+
+class Texts(Dataset):
+    """``count`` right-padded token sequences of length 1..8 (T = 8), item i seeded with i; id 1
+    (a BOS, skipped by TOKENS) starts each."""
+
+    def __init__(self, count: int, kill_at: int | None = None):
+        self.count = count
+        self.kill_at = kill_at
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, index: int):
+        if index == self.kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+        generator = torch.Generator().manual_seed(index)
+        length = int(torch.randint(1, 9, (1,), generator=generator))
+        ids = torch.zeros(8, dtype=torch.int64)
+        ids[:length] = torch.randint(2, 50, (length,), generator=generator)
+        ids[0] = 1
+        mask = (torch.arange(8) < length).to(torch.int64)
+        return {"input_ids": ids, "attention_mask": mask}
+
+
+TOKEN_LAYERS = {"rows": "block", "pool": "block"}
+TOKEN_REDUCE = {"rows": "tokens", "pool": "mean"}
+
+
+def tokens():
+    import fastcap
+
+    return fastcap.Tokens(skip_ids=[1])
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("out")
@@ -61,16 +114,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shard-size", type=int, default=16)
     parser.add_argument("--kill-at", type=int)
     parser.add_argument("--report")
+    parser.add_argument("--tokens", action="store_true", help="a tiny language model, tokens=")
     args = parser.parse_args(argv)
 
     import fastcap
 
     torch.set_num_threads(1)
-    model = tiny_model()
+    model = tiny_lm() if args.tokens else tiny_model()
     forwards = []
     model.register_forward_pre_hook(lambda module, inputs: forwards.append(1))
-    loader = DataLoader(Images(args.samples, args.kill_at), batch_size=args.batch_size)
-    fastcap.extract(model, loader, LAYERS, REDUCE, out=args.out, shard_size=args.shard_size)
+    data = Texts if args.tokens else Images
+    loader = DataLoader(data(args.samples, args.kill_at), batch_size=args.batch_size)
+    if args.tokens:
+        fastcap.extract(model, loader, TOKEN_LAYERS, TOKEN_REDUCE, out=args.out, shard_size=args.shard_size,
+                        tokens=tokens())
+    else:
+        fastcap.extract(model, loader, LAYERS, REDUCE, out=args.out, shard_size=args.shard_size)
     if args.report:
         rank = int(os.environ.get("RANK", "0"))
         with open(f"{args.report}.{rank}", "w") as file:

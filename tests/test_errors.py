@@ -72,7 +72,10 @@ def test_empty_layer_list(model):
 
 def test_unknown_reduce_mode(model):
     raises_at_construction(model, ValueError, r"layer 'fc': unknown reduce mode 'median'", "fc", reduce="median")
-    raises_at_construction(model, ValueError, r"layer 'layer2': unknown reduce mode 'max'",
+    raises_at_construction(model, ValueError, r"layer 'layer2': unknown reduce mode 'median'",
+                           ["fc", "layer2"], reduce={"layer2": "median"})
+    # A language-model mode without tokens= says what it needs.
+    raises_at_construction(model, ValueError, r"layer 'layer2': reduce='max' works on tokens: pass tokens=",
                            ["fc", "layer2"], reduce={"layer2": "max"})
     raises_at_construction(model, ValueError, r"reduce=\{'layer9': \.\.\.\} names a layer that is not captured",
                            ["fc"], reduce={"layer9": "mean"})

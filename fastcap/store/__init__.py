@@ -11,14 +11,15 @@ import struct
 import warnings
 import zlib
 from collections.abc import Iterator, Mapping
+from typing import NamedTuple
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from fastcap.store._format import MANIFEST, dataset_order, merge_manifests, read_manifest
+from fastcap.store._format import MANIFEST, TOKEN_KEYS, dataset_order, merge_manifests, read_manifest
 
-__all__ = ["open", "Store", "LayerArray"]
+__all__ = ["open", "Store", "LayerArray", "TokenRows"]
 
 
 def open(out: str | os.PathLike) -> "Store":  # noqa: A001 - fastcap.open, like np.load
@@ -125,31 +126,43 @@ class Store(Mapping):
                                  f"manifest recorded {record['crc32']:#010x} when it was written")
 
     def _locate_rows(self) -> None:
-        """Map each row in dataset order to (shard, row in shard)."""
-        counts = [shard["samples"] for shard in self._shards]
+        """Map each row in dataset order to (shard, row in shard): of the samples, and (with
+        tokens=) of the kept tokens, ordered by their sample's place in the dataset."""
         order, indices = dataset_order(self._shards, self.manifest.get("num_samples"))
-        shard_of = np.repeat(np.arange(len(counts), dtype=np.int64), counts)
-        starts = np.concatenate([[0], np.cumsum(counts, dtype=np.int64)])[:-1]
         self.indices = indices[order]
-        self._shard_of = shard_of[order]
-        self._row_of = order - starts[self._shard_of]
-        self._starts = starts
-        self._contiguous = bool(np.array_equal(order, np.arange(len(order))))
+        self._rows = {"samples": _Rows([shard["samples"] for shard in self._shards], order)}
+        self.tokens: TokenRows | None = None
+        if TOKEN_KEYS[0] not in self._keys:
+            return
+        # Each token's sample, as a stored sample row; its rank in dataset order (-1: dropped,
+        # a DistributedSampler padding duplicate) orders the tokens.
+        counts = [shard.get("tokens", 0) for shard in self._shards]
+        token_rows = _Rows(counts, np.arange(sum(counts), dtype=np.int64))
+        stored = LayerArray(self, TOKEN_KEYS[0], self._keys[TOKEN_KEYS[0]], token_rows)[:].astype(np.int64)
+        sample_starts = self._rows["samples"].starts
+        stored += sample_starts[token_rows.shard_of] if len(stored) else 0
+        rank = np.full(len(indices), -1, dtype=np.int64)
+        rank[order] = np.arange(len(order))
+        kept = np.flatnonzero(rank[stored] >= 0)
+        token_order = kept[np.argsort(rank[stored[kept]], kind="stable")]
+        self._rows["tokens"] = _Rows(counts, token_order)
+        self.tokens = TokenRows(indices[stored[token_order]], self[TOKEN_KEYS[1]][:], self[TOKEN_KEYS[2]][:])
 
     def __getitem__(self, key: str) -> "LayerArray":
         if key not in self._keys:
-            close = difflib.get_close_matches(key, list(self._keys), n=3)
-            hint = f"; did you mean {close}?" if close else f"; keys: {list(self._keys)}"
+            close = difflib.get_close_matches(key, list(self), n=3)
+            hint = f"; did you mean {close}?" if close else f"; keys: {list(self)}"
             raise KeyError(f"{key!r} is not in the store at {str(self.path)!r}{hint}")
         if key not in self._arrays:
-            self._arrays[key] = LayerArray(self, key, self._keys[key])
+            meta = self._keys[key]
+            self._arrays[key] = LayerArray(self, key, meta, self._rows[meta.get("rows", "samples")])
         return self._arrays[key]
 
     def __iter__(self) -> Iterator[str]:
-        return iter(self._keys)
+        return (key for key in self._keys if key not in TOKEN_KEYS)  # the index is store.tokens
 
     def __len__(self) -> int:
-        return len(self._keys)
+        return sum(1 for _ in self)
 
     def __repr__(self) -> str:
         state = "complete" if self.complete else "INCOMPLETE"
@@ -158,6 +171,30 @@ class Store(Mapping):
 
     def _shard_path(self, shard: int, key: str) -> Path:
         return self.path / self._shards[shard]["path"] / self._keys[key]["file"]
+
+
+class TokenRows(NamedTuple):
+    """Where each row of a store's ``"tokens"`` keys came from, aligned with them: numpy int64
+    arrays ``sample`` (the dataset index), ``position`` (along T) and ``token_id`` (-1 without
+    ids)."""
+
+    sample: np.ndarray
+    position: np.ndarray
+    token_id: np.ndarray
+
+
+class _Rows:
+    """Where each row of a key lies, in the store's order: shard and row within it."""
+
+    def __init__(self, counts: list[int], order: np.ndarray):
+        shard_of = np.repeat(np.arange(len(counts), dtype=np.int64), counts)
+        self.starts = np.concatenate([[0], np.cumsum(counts, dtype=np.int64)])[:-1].astype(np.int64)
+        self.shard_of = shard_of[order]
+        self.row_of = order - self.starts[self.shard_of]
+        self.contiguous = bool(np.array_equal(order, np.arange(len(order))))
+
+    def __len__(self) -> int:
+        return len(self.shard_of)
 
 
 class LayerArray:
@@ -174,13 +211,14 @@ class LayerArray:
         >>> batch = torch.from_numpy(a[0:256])     # or a.tensor(slice(0, 256))
     """
 
-    def __init__(self, store: Store, key: str, meta: dict):
+    def __init__(self, store: Store, key: str, meta: dict, rows: _Rows):
         self._store = store
+        self._rows = rows
         self.key = key
         self.dtype = np.dtype(meta["dtype"])
         self.torch_dtype = getattr(torch, meta["torch_dtype"])
         self.row_shape = tuple(meta["row_shape"])
-        self.shape = (len(store.indices),) + self.row_shape
+        self.shape = (len(rows),) + self.row_shape
         self.ndim = len(self.shape)
         self._maps: dict[int, np.ndarray] = {}
 
@@ -210,10 +248,10 @@ class LayerArray:
             if not -n <= rows < n:
                 raise IndexError(f"row {rows} is out of range for {self.key!r} with {n} rows")
             row = int(rows) % n
-            return self._map(int(self._store._shard_of[row]))[self._store._row_of[row]][rest]
+            return self._map(int(self._rows.shard_of[row]))[self._rows.row_of[row]][rest]
         if isinstance(rows, slice):
             start, stop, step = rows.indices(n)
-            if step == 1 and self._store._contiguous:
+            if step == 1 and self._rows.contiguous:
                 return self._slice(start, max(start, stop))[(slice(None),) + rest]
             rows = np.arange(start, stop, step)
         else:
@@ -224,7 +262,7 @@ class LayerArray:
         """Rows start..stop of a contiguous store: a view when they lie in one shard."""
         if stop <= start:
             return np.empty((0,) + self.row_shape, self.dtype)
-        starts = self._store._starts
+        starts = self._rows.starts
         first = int(np.searchsorted(starts, start, side="right")) - 1
         last = int(np.searchsorted(starts, stop - 1, side="right")) - 1
         if first == last:
@@ -235,8 +273,8 @@ class LayerArray:
 
     def _gather(self, rows: np.ndarray) -> np.ndarray:
         result = np.empty((len(rows),) + self.row_shape, self.dtype)
-        shards = self._store._shard_of[rows]
-        within = self._store._row_of[rows]
+        shards = self._rows.shard_of[rows]
+        within = self._rows.row_of[rows]
         for shard in np.unique(shards):
             pick = shards == shard
             result[pick] = self._map(int(shard))[within[pick]]

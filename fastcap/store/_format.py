@@ -30,6 +30,9 @@ FORMAT_VERSION = 2  # 2: each shard records its files' sizes and crc32s
 MANIFEST = "manifest.json"
 LOCK = ".lock"  # held by the run writing out/ (store/_lock.py)
 INDICES_SUFFIX = ".indices"
+#: the token index of an extraction with tokens=: one row per kept token, like the "tokens" keys
+#: (sample: the row of its sample in the shard; open() makes it the dataset index).
+TOKEN_KEYS = (".tokens.sample", ".tokens.position", ".tokens.token_id")
 # Unsigned integer dtypes used to store the raw bits of dtypes numpy lacks (bfloat16, float8).
 RAW_BITS = {1: torch.uint8, 2: torch.uint16, 4: torch.uint32, 8: torch.uint64}
 
@@ -59,7 +62,8 @@ def merge_manifests(ranks: list[dict]) -> dict:
     keys = {}
     for state in ranks:
         for key, meta in state["keys"].items():
-            keys[key] = meta | {"shape": [rows, *meta["row_shape"]]}
+            # Keys with a row per kept token: their count is known once open() has read the index.
+            keys[key] = meta | {"shape": None if meta.get("rows") == "tokens" else [rows, *meta["row_shape"]]}
     world_size = first["args"]["world_size"]
     complete = len(ranks) == world_size and all(state["complete"] for state in ranks)
     return header(first["args"]) | {

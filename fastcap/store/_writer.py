@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fastcap.store._format import (INDICES_SUFFIX, MANIFEST, RAW_BITS, encode_runs, fsync_dir, header,
+from fastcap._slots import INDEX_MODE
+from fastcap.store._format import (INDICES_SUFFIX, MANIFEST, TOKEN_KEYS, RAW_BITS, encode_runs, fsync_dir, header,
                                    key_meta, merge_manifests, npy_header, out_error, rank_name, read_json,
                                    write_json_atomic)
 
@@ -128,10 +129,12 @@ class Shard:
         self.tmp.mkdir()
         self.streams: dict[str, NpyStream] = {}
         self.samples = 0
+        self.tokens = 0  # kept tokens (rows of the token-major keys), with tokens=
         self.step_rows: list[int] = []  # rows of each step appended, in order
 
-    def append(self, arrays: dict[str, np.ndarray], rows: int) -> int:
-        """Append one step's rows; its batch's indices come at :meth:`commit`."""
+    def append(self, arrays: dict[str, np.ndarray], rows: int, tokens: int = 0) -> int:
+        """Append one step's rows (``rows`` samples, ``tokens`` kept tokens); its batch's
+        indices come at :meth:`commit`."""
         written = 0
         for key, array in arrays.items():
             meta = self.rank_dir.state["keys"][key]
@@ -139,6 +142,7 @@ class Shard:
                 self.streams[key] = NpyStream(self.tmp / meta["file"], array.dtype, tuple(meta["row_shape"]))
             written += self.streams[key].write(array)
         self.samples += rows
+        self.tokens += tokens
         self.step_rows.append(rows)
         return written
 
@@ -157,6 +161,7 @@ class Shard:
             "batches": len(self.step_rows),
             "indices": encode_runs(indices),
             "positions": encode_runs(positions),
+            "tokens": self.tokens,
             "files": files,
         })
         try:
@@ -308,11 +313,16 @@ class ShardWriter:
             ) from error
 
     def _write_step(self, items: Mapping) -> None:
-        arrays, rows = _step_arrays(items, self.rank_dir)
+        step = _step_arrays(items, self.rank_dir)
         if self._shard is None:
             self._shard = Shard(self.rank_dir, len(self.rank_dir.state["shards"]))
-        self.bytes_written += self._shard.append(arrays, rows)
-        self.samples += rows
+        if step.index_offset is not None:
+            # The token index's samples, renumbered from the capture's count to the shard's own
+            # rows: open() maps them to dataset indices through the shard's indices.
+            sample = TOKEN_KEYS[0]
+            step.arrays[sample] = step.arrays[sample] - step.index_offset + self._shard.samples
+        self.bytes_written += self._shard.append(step.arrays, step.samples, step.tokens)
+        self.samples += step.samples
         if self._shard.samples >= self.shard_size:
             self._commit()
 
@@ -335,38 +345,61 @@ class _Aborted(Exception):
     """Marks a writer stopped because the main loop failed; never raised to the user."""
 
 
-def _step_arrays(items: Mapping, rank_dir: RankDir) -> tuple[dict[str, np.ndarray], int]:
-    """A step's slots as {store key: numpy array viewing ring memory}, and its rows; checks
-    them against the keys seen so far. A top-k key is stored as its values and
-    ``key.indices``."""
+class StepArrays:
+    """One step as the shard will store it: {store key: numpy array viewing ring memory}, the
+    samples it covers, and (with tokens=) its kept tokens and the token index."""
+
+    def __init__(self, arrays: dict, samples: int, tokens: int, index_offset: int | None):
+        self.arrays, self.samples, self.tokens, self.index_offset = arrays, samples, tokens, index_offset
+
+
+def _step_arrays(items: Mapping, rank_dir: RankDir) -> StepArrays:
+    """A step's slots as the arrays a shard stores, checked against the keys seen so far. A
+    top-k key is stored as its values and ``key.indices``; the token index as the three
+    ``TOKEN_KEYS``; keys with one row per kept token are marked ``"rows": "tokens"``."""
     arrays: dict[str, np.ndarray] = {}
     dtypes: dict[str, torch.dtype] = {}
+    token_major: set[str] = set()
+    samples = tokens = None
+    index_offset = None
     for key, item in items.items():
         views = item.host_views()
-        names = [key, key + INDICES_SUFFIX] if item.mode == "topk" else [key]
+        if item.mode == INDEX_MODE:
+            names = list(TOKEN_KEYS)
+            samples, index_offset = item.info["samples"], item.info["sample_offset"]
+        else:
+            names = [key, key + INDICES_SUFFIX] if item.mode == "topk" else [key]
         for name, tensor in zip(names, views):
             if name in arrays:
                 raise ValueError(f"extract: key {name!r} names both a layer and the indices of a "
                                  "top-k layer; give one of them an alias (layers={alias: name})")
             arrays[name] = _to_numpy(tensor)
             dtypes[name] = tensor.dtype
-    rows = next(iter(arrays.values())).shape[0] if arrays else 0
+            if item.counted:
+                token_major.add(name)
     for name, array in arrays.items():
-        _check_rows(name, array, rows)
+        if name in token_major:
+            tokens = array.shape[0] if tokens is None else tokens
+            _check_rows(name, array, tokens, "kept tokens")
+        else:
+            samples = array.shape[0] if samples is None else samples
+            _check_rows(name, array, samples, "samples")
     keys = rank_dir.state["keys"]
     if not keys:  # the first step of the run fixes the keys, their files and row shapes
         for name, array in arrays.items():
             file = _file_name(name, {meta["file"] for meta in keys.values()})
             keys[name] = {"file": file} | key_meta(array, dtypes[name])
+            if name in token_major:
+                keys[name]["rows"] = "tokens"
     _check_keys(keys, arrays, dtypes)
-    return arrays, rows
+    return StepArrays(arrays, samples or 0, tokens or 0, index_offset)
 
 
-def _check_rows(key: str, array: np.ndarray, size: int) -> None:
+def _check_rows(key: str, array: np.ndarray, size: int, what: str = "samples") -> None:
     if array.ndim == 0 or array.shape[0] != size:
         rows = array.shape[0] if array.ndim else "no"
         raise ValueError(
-            f"extract: layer {key!r} produced {rows} rows where the step's other layers have {size} "
+            f"extract: layer {key!r} produced {rows} rows where the step has {size} {what} "
             f"(shape {tuple(array.shape)}); extract stores one row per sample, so dim 0 of "
             "every captured output must be the batch"
         )
@@ -392,7 +425,7 @@ def _check_keys(keys: dict, arrays: dict[str, np.ndarray], dtypes: dict) -> None
 
 
 def _file_name(key: str, taken: set[str]) -> str:
-    stem = "".join(c if c.isalnum() or c in "._-" else "_" for c in key) or "_"
+    stem = "".join(c if c.isalnum() or c in "._-" else "_" for c in key).lstrip(".") or "_"
     name, number = f"{stem}.npy", 1
     while name in taken:
         name, number = f"{stem}_{number}.npy", number + 1
