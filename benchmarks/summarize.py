@@ -119,13 +119,15 @@ def grid_markdown(cases) -> list[str]:
         return []
     by_key = {(c["model"], c["reduce"], c["method"]): c for c in cases}
     models = list(dict.fromkeys(c["model"] for c in cases))
-    cols = [m for m in METHODS if m != "none"]
+    cols = [m for m in METHODS if m != "none"] + ["fastcap_thread"]  # + fastcap drained by a consumer thread
     lines = [
         f"### Grid: every method x reduce x model ({cases[0]['device']}, small configurations)",
         "",
         "Cells: time per batch over no capture's timed right before each round, median over rounds "
         "(items/s). Each case is its own pytest-benchmark test, minutes apart from the others, so "
-        "compare ratios, not items/s, across cells; the headline above is the careful comparison.",
+        "compare ratios, not items/s, across cells; the headline above is the careful comparison. "
+        "*fastcap_thread*: `collect=False`, a consumer thread drains while the model runs (extract's "
+        "pattern).",
         "",
         "| model | batch, input | reduce | no capture items/s | " + " | ".join(cols) + " |",
         "|---|---|---|---:|" + "---:|" * len(cols),
@@ -159,6 +161,27 @@ def grid_markdown(cases) -> list[str]:
                     f"| {_mib(c.get('pinned_bytes'))} | {_mib(c.get('buffer_bytes'))} |"
                 )
     return lines + memory + [""]
+
+
+def tokens_markdown(cases) -> list[str]:
+    """The language-model case: two residual layers of GPT-2 as reduce="tokens"."""
+    lines = []
+    for c in cases:
+        lines += [
+            f"### Language model: {c['model']}, {c['dtype']}, batch {c['batch']} x {c['seq']} right-padded, "
+            f"layers {', '.join(c['layers'].values())} as `reduce=\"tokens\"`",
+            "",
+            "| | kept tokens/s | time vs plain forward |",
+            "|---|---:|---:|",
+            f"| plain forward | {c['plain_tokens_per_s']:,.0f} | 1.000 |",
+            f"| fastcap tokens | {c['tokens_per_s']:,.0f} | **{c['ratio_vs_plain']:.3f}** |",
+            "",
+            f"Median of {c['rounds']} interleaved rounds of {c['batches']} batches (paired ratio); the forward "
+            f"waited {c['forward_wait_seconds'] or 0:.3f} s for a slot, and did "
+            f"{c['materializations_on_forward'] or 0} copy-outs itself.",
+            "",
+        ]
+    return lines
 
 
 def growth_markdown(cases) -> list[str]:
@@ -214,6 +237,7 @@ def markdown(data) -> str:
         lines += headline_markdown(sel("headline"))
         lines += growth_markdown(sel("memory_growth"))
         lines += grid_markdown(sel("throughput"))
+        lines += tokens_markdown(sel("tokens"))
     return "\n".join(lines).rstrip() + "\n"
 
 

@@ -176,6 +176,20 @@ class Capture(StepHooks):
                 self._claimed.remove(step)
             yield step.items
 
+    def wait_for_steps(self, timeout: float) -> bool:
+        """Blocks until a finished step waits to be drained, for at most ``timeout`` seconds;
+        whether one does. For a consumer thread: drain when this says so, instead of polling.
+
+        Example::
+
+            while running:
+                if cap.wait_for_steps(0.1):
+                    for step in cap.drain():
+                        write(step)
+        """
+        with self._cond:
+            return self._cond.wait_for(lambda: bool(self._steps) or self._stopping, timeout) and bool(self._steps)
+
     def _drain_steps(self) -> Iterator[Step]:
         self._consumers.add(threading.get_ident())
         while True:
@@ -187,19 +201,24 @@ class Capture(StepHooks):
                 self._claimed.append(step)
             yield step
 
-    def result(self) -> Dict[str, Captured]:
-        """Every captured batch not yet drained, concatenated along dim 0 on CPU, per key.
-
-        Works during and after the ``with`` block; keys are in first-capture order. Each
-        call returns tensors of its own.
-        """
+    def _undrained_steps(self) -> List[Step]:
+        """The finished steps not drained yet; an implicit step is finished first (and, once the
+        capture is closed, any step still open)."""
         with self._cond:
             if self._active:
                 self._finish_implicit_locked()
             else:
                 for tid in list(self._open):
                     self._finish_locked(tid)
-            steps = list(self._steps)
+            return list(self._steps)
+
+    def result(self) -> Dict[str, Captured]:
+        """Every captured batch not yet drained, concatenated along dim 0 on CPU, per key.
+
+        Works during and after the ``with`` block; keys are in first-capture order. Each
+        call returns tensors of its own.
+        """
+        steps = self._undrained_steps()
         per_key: Dict[str, List[Captured]] = {}
         for step in steps:
             for key, item in step.items.items():
@@ -214,13 +233,7 @@ class Capture(StepHooks):
         capture; ``token_id`` is -1 without ids). ``drain()`` hands each step's index out under
         the key ``"token_index"``.
         """
-        with self._cond:
-            if self._active:
-                self._finish_implicit_locked()
-            else:
-                for tid in list(self._open):
-                    self._finish_locked(tid)
-            steps = list(self._steps)
+        steps = self._undrained_steps()
         parts = [self._materialize(s.items[TOKEN_INDEX_KEY]) for s in steps if TOKEN_INDEX_KEY in s.items]
         if not parts:
             empty = torch.zeros(0, dtype=torch.int64)

@@ -105,7 +105,13 @@ void compact_into(const at::Tensor& src, const at::Tensor& pos, const at::Tensor
 }
 
 // Inclusive cumsum of keep over the flattened [N*T], int64, on the current stream.
-at::Tensor kept_positions(const at::Tensor& keep) { return at::cumsum(keep.reshape({-1}), 0, at::kLong); }
+// The inclusive cumsum of a non-empty keep over N*T (each kept token's place + 1), and the
+// kept count written into count from its last element: device to device, so nothing syncs.
+at::Tensor kept_positions(const at::Tensor& keep, const at::Tensor& count) {
+  at::Tensor pos = at::cumsum(keep.reshape({-1}), 0, at::kLong);
+  count.copy_(pos.narrow(0, pos.numel() - 1, 1));
+  return pos;
+}
 
 void tokens_into_cuda(const at::Tensor& src, const at::Tensor& keep, int64_t token_dim, const at::Tensor& rows,
                       const at::Tensor& count) {
@@ -120,8 +126,7 @@ void tokens_into_cuda(const at::Tensor& src, const at::Tensor& keep, int64_t tok
     count.zero_();
     return;
   }
-  const at::Tensor pos = kept_positions(keep);
-  count.copy_(pos.narrow(0, NT - 1, 1));  // device to device: no sync
+  const at::Tensor pos = kept_positions(keep, count);
   if (d.C == 0) return;
   compact_into(src, pos, rows, c10::cuda::getCurrentCUDAStream().stream());
 }
@@ -157,8 +162,7 @@ void token_index_into_cuda(const at::Tensor& keep, const std::optional<at::Tenso
     count.zero_();
     return;
   }
-  const at::Tensor pos = kept_positions(keep);
-  count.copy_(pos.narrow(0, NT - 1, 1));
+  const at::Tensor pos = kept_positions(keep, count);
   const auto stream = c10::cuda::getCurrentCUDAStream().stream();
   const int64_t blocks = std::min<int64_t>(ceil_div(NT, kThreads), kMaxGridX);
   auto launch = [&](const auto* id, int64_t iN, int64_t iT) {
@@ -278,8 +282,7 @@ void tokens_topk_into_cuda(const at::Tensor& src, const at::Tensor& keep, int64_
     count.zero_();
     return;
   }
-  const at::Tensor pos = kept_positions(keep);
-  count.copy_(pos.narrow(0, NT - 1, 1));
+  const at::Tensor pos = kept_positions(keep, count);
   // The kept rows compacted first, then ATen's top-k over all N*T rows (it cannot know
   // how many are real without a sync): the rows past count are garbage ranked, unused.
   const at::Tensor kept = at::empty({NT, d.C}, src.options());

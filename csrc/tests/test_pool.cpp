@@ -3,6 +3,7 @@
 #include "host_pool.h"
 #include "intervals.h"
 #include "ring.h"
+#include "tests/expect.h"
 
 #include <cmath>
 #include <cstdint>
@@ -14,15 +15,6 @@
 
 namespace {
 
-int failures = 0;
-
-#define EXPECT(cond)                                                          \
-  do {                                                                        \
-    if (!(cond)) {                                                            \
-      std::fprintf(stderr, "%s:%d: expected %s\n", __FILE__, __LINE__, #cond); \
-      ++failures;                                                             \
-    }                                                                         \
-  } while (0)
 
 bool near(double a, double b) { return std::abs(a - b) <= 1e-12 * std::max(1.0, std::abs(b)); }
 
@@ -211,7 +203,7 @@ void ring_round_trip_through_the_pool() {
 }  // namespace
 
 int main() {
-  const std::vector<std::pair<std::string, std::function<void()>>> tests = {
+  return fastcap_test::run_tests({
       {"intervals_disjoint_overlapping_nested", intervals_disjoint_overlapping_nested},
       {"intervals_out_of_order_touching_bridging", intervals_out_of_order_touching_bridging},
       {"intervals_fold_beyond_the_bound", intervals_fold_beyond_the_bound},
@@ -220,11 +212,5 @@ int main() {
       {"pool_reuses_a_bucket", pool_reuses_a_bucket},
       {"detached_buffers_are_freed", detached_buffers_are_freed},
       {"ring_round_trip_through_the_pool", ring_round_trip_through_the_pool},
-  };
-  for (const auto& [name, fn] : tests) {
-    const int before = failures;
-    fn();
-    std::printf("%s %s\n", failures == before ? "PASS" : "FAIL", name.c_str());
-  }
-  return failures == 0 ? 0 : 1;
+  });
 }

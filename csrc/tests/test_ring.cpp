@@ -1,6 +1,7 @@
 // C++ tests of the ring (run by ctest): wraparound, backpressure, resize, close, counted
 // commits.
 #include "ring.h"
+#include "tests/expect.h"
 
 #include <atomic>
 #include <chrono>
@@ -13,15 +14,6 @@
 
 namespace {
 
-int failures = 0;
-
-#define EXPECT(cond)                                                          \
-  do {                                                                        \
-    if (!(cond)) {                                                            \
-      std::fprintf(stderr, "%s:%d: expected %s\n", __FILE__, __LINE__, #cond); \
-      ++failures;                                                             \
-    }                                                                         \
-  } while (0)
 
 void wraparound() {
   fastcap::Ring ring(3, /*pinned=*/false);
@@ -175,13 +167,13 @@ void concurrent_producers_and_growth() {
           const int64_t slot = ring.acquire(n, -1.0);
           at::Tensor h = ring.host(slot);
           if (h.numel() < n) {
-            ++failures;
+            ++fastcap_test::failures;
             std::fprintf(stderr, "slot %ld holds %ld < %ld bytes\n", long(slot), long(h.numel()), long(n));
           }
           std::memset(h.data_ptr(), t, n);
           ring.commit(slot, n, false);
           ring.wait(slot);
-          if (h.data_ptr<uint8_t>()[n - 1] != t) ++failures;
+          if (h.data_ptr<uint8_t>()[n - 1] != t) ++fastcap_test::failures;
           ring.release(slot);
           ++committed;
         }
@@ -265,7 +257,7 @@ void counted_commit_on_host() {
 }  // namespace
 
 int main() {
-  const std::vector<std::pair<std::string, std::function<void()>>> tests = {
+  return fastcap_test::run_tests({
       {"wraparound", wraparound},
       {"full_ring_times_out_then_frees", full_ring_times_out_then_frees},
       {"backpressure_waits_for_consumer", backpressure_waits_for_consumer},
@@ -274,11 +266,5 @@ int main() {
       {"take_hands_the_buffer_over", take_hands_the_buffer_over},
       {"concurrent_producers_and_growth", concurrent_producers_and_growth},
       {"counted_commit_on_host", counted_commit_on_host},
-  };
-  for (const auto& [name, fn] : tests) {
-    const int before = failures;
-    fn();
-    std::printf("%s %s\n", failures == before ? "PASS" : "FAIL", name.c_str());
-  }
-  return failures == 0 ? 0 : 1;
+  });
 }

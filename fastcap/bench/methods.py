@@ -355,7 +355,7 @@ class Fastcap(Method):
             self._drained.extend(got)  # list.extend is atomic under the GIL
             self._drained_count += len(got)
             if not got:
-                self._stop.wait(0.0005)
+                self._cap.wait_for_steps(0.01)  # blocks until a step finishes: no busy polling
 
     def forward(self, x):
         self._forwards += 1

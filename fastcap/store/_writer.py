@@ -22,8 +22,9 @@ from fastcap.store._format import (INDICES_SUFFIX, MANIFEST, TOKEN_KEYS, RAW_BIT
                                    key_meta, merge_manifests, npy_header, out_error, rank_name, read_json,
                                    write_json_atomic)
 
-# How long the writer thread sleeps when a drain() found nothing new.
-_WRITER_POLL_SECONDS = 0.002
+# How long the writer thread waits for a step (or for the main thread's word) between checks
+# of its stop flag.
+_WRITER_POLL_SECONDS = 0.05
 
 
 class RankDir:
@@ -263,7 +264,7 @@ class ShardWriter:
                 if not self._drain_once():
                     if stopping:
                         return
-                    self._stop.wait(_WRITER_POLL_SECONDS)
+                    self._cap.wait_for_steps(_WRITER_POLL_SECONDS)
         except BaseException as error:  # drain() itself failed: release a forward waiting for a slot
             self._error = self._error or error
             self._cap.abort(error)
@@ -291,7 +292,7 @@ class ShardWriter:
                     raise _Aborted()
                 if self._stop.is_set():
                     raise RuntimeError("extract: a step reached the writer that no batch submitted")
-                self._submitted.wait(_WRITER_POLL_SECONDS * 10)
+                self._submitted.wait(_WRITER_POLL_SECONDS)
             return self.pending.popleft()
 
     def _guarded(self, function, *args):
