@@ -65,12 +65,16 @@ class Store(Mapping):
         path: the ``out`` directory.
         manifest: the parsed manifest (arguments, versions, keys, shards).
         complete: False when the run that wrote it has not finished.
-        indices: int64 numpy array, the dataset index of every row.
+        indices: int64 numpy array, the dataset index of every row (of the keys with one row
+            per sample).
+        tokens: with ``extract(tokens=...)``, a :class:`TokenRows` aligned with the keys that
+            have one row per kept token (``sample`` is the dataset index); else None.
 
     Example:
         >>> store = fastcap.open("feats/")
         >>> list(store)                      # ['layer3', 'layer4']
         >>> store["layer4"][10:20].mean()
+        >>> store.verify()                   # every shard file against its recorded crc32
     """
 
     def __init__(self, path: Path, manifest: dict):
