@@ -36,8 +36,9 @@ def tiny_model() -> torch.nn.Module:
     return model
 
 
-class Images(Dataset):
-    """``count`` images of 3x8x8, item i drawn from a generator seeded with i."""
+class _Seeded(Dataset):
+    """``count`` items, item i drawn from a generator seeded with i; asking for item
+    ``kill_at`` SIGKILLs the process."""
 
     def __init__(self, count: int, kill_at: int | None = None):
         self.count = count
@@ -49,7 +50,13 @@ class Images(Dataset):
     def __getitem__(self, index: int):
         if index == self.kill_at:
             os.kill(os.getpid(), signal.SIGKILL)
-        generator = torch.Generator().manual_seed(index)
+        return self.item(torch.Generator().manual_seed(index), index)
+
+
+class Images(_Seeded):
+    """Images of 3x8x8."""
+
+    def item(self, generator, index):
         return torch.randn(3, 8, 8, generator=generator), index
 
 
@@ -73,21 +80,11 @@ def tiny_lm() -> torch.nn.Module:
     return model
 
 
-class Texts(Dataset):
-    """``count`` right-padded token sequences of length 1..8 (T = 8), item i seeded with i; id 1
-    (a BOS, skipped by TOKENS) starts each."""
+class Texts(_Seeded):
+    """Right-padded token sequences of length 1..8 (T = 8); id 1 (a BOS, skipped by tokens())
+    starts each."""
 
-    def __init__(self, count: int, kill_at: int | None = None):
-        self.count = count
-        self.kill_at = kill_at
-
-    def __len__(self) -> int:
-        return self.count
-
-    def __getitem__(self, index: int):
-        if index == self.kill_at:
-            os.kill(os.getpid(), signal.SIGKILL)
-        generator = torch.Generator().manual_seed(index)
+    def item(self, generator, index):
         length = int(torch.randint(1, 9, (1,), generator=generator))
         ids = torch.zeros(8, dtype=torch.int64)
         ids[:length] = torch.randint(2, 50, (length,), generator=generator)

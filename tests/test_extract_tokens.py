@@ -3,10 +3,8 @@ pooled keys one row per sample; equal to capture(); resumable bit for bit after 
 2-rank torchrun run equal to one process."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import signal
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,20 +12,7 @@ import torch
 from torch.utils.data import DataLoader
 
 import fastcap
-from test_extract import _files, _free_port, _run
-
-WORKER = Path(__file__).resolve().parent / "_extract_worker.py"
-_spec = importlib.util.spec_from_file_location("_extract_worker", WORKER)
-worker = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(worker)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+from test_extract import WORKER, _files, _free_port, _one_thread, _run, worker  # noqa: F401 (_one_thread: autouse)
 
 
 def _reference(count: int, batch_size: int):
