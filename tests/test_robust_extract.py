@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import _extract_worker as worker
 import fastcap
+from test_extract import _assert_store_equals, _one_thread, _reference  # noqa: F401 (_one_thread: autouse)
 from conftest import hook_count
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -56,35 +57,12 @@ def shard_files_on_dev_full(monkeypatch):
 # ------------------------------------------------------------------ shared helpers
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread, as in the worker processes (their results are compared bit-wise)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _images(count: int) -> torch.Tensor:
     return torch.stack([worker.Images(count)[i][0] for i in range(count)])
 
 
 def _loader(count: int = 40, batch_size: int = 8) -> DataLoader:
     return DataLoader(TensorDataset(_images(count)), batch_size=batch_size)
-
-
-def reference(model, loader, layers, reduce) -> dict:
-    """capture() over the loader, in dataset order: row i is dataset index i."""
-    with torch.inference_mode(), fastcap.capture(model, layers, reduce) as cap:
-        for (x,) in loader:
-            model(x)
-    return cap.result()
-
-
-def assert_store_equals(store, expected: dict) -> None:
-    assert store.complete
-    for key, value in expected.items():
-        assert torch.equal(store[key].tensor(), value), key
 
 
 def assert_committed_rows_are_true(out: Path, expected: dict) -> None:
@@ -144,7 +122,7 @@ def test_forward_must_make_exactly_one_model_call_per_batch(tmp_path, make_forwa
     raises "pop from an empty deque"; zero then two commits other items' rows silently."""
     model, loader = worker.tiny_model(), _loader(40, 4)
     layers, reduce = ["0", "3"], "mean"
-    expected = reference(model, loader, layers, reduce)
+    expected = _reference(model, loader, layers, reduce)
     out = tmp_path / "feats"
     with pytest.raises(RuntimeError) as err:
         fastcap.extract(model, loader, layers, reduce, out=out, shard_size=4, forward=make_forward())
@@ -185,7 +163,7 @@ def test_concurrent_run_into_the_same_out_is_refused(tmp_path):
             holder.kill()
             holder.communicate()
     # The refused run touched nothing: the holder's extraction is whole, and its lock gone.
-    assert_store_equals(fastcap.open(out), reference(model, _loader(16, 4), worker.LAYERS, worker.REDUCE))
+    _assert_store_equals(fastcap.open(out), _reference(model, _loader(16, 4), worker.LAYERS, worker.REDUCE))
     assert not (out / ".lock").exists()
 
 
@@ -199,7 +177,7 @@ def test_stale_lock_is_taken_over(tmp_path):
     (out / ".lock").write_text(json.dumps({"pid": gone.pid, "host": socket.gethostname()}))
     model, loader = worker.tiny_model(), _loader(16, 4)
     store = fastcap.extract(model, loader, worker.LAYERS, worker.REDUCE, out=out, shard_size=8)
-    assert_store_equals(store, reference(model, loader, worker.LAYERS, worker.REDUCE))
+    _assert_store_equals(store, _reference(model, loader, worker.LAYERS, worker.REDUCE))
     assert not (out / ".lock").exists()
 
 
