@@ -51,6 +51,9 @@ def to_device(batch, device: torch.device):
 class MapSource:
     """A DataLoader over a map-style dataset, replanned as explicit batches of indices.
 
+    ``spec``: the dataset's ``extract_spec`` (a JSON-able dict of how its items are made, e.g.
+    tokenization and packing, recorded in the manifest and checked on resume), or None.
+
     ``positions`` are places in the global (all-rank) order; under torch.distributed rank r
     holds positions r, r + W, ... of the DistributedSampler's padded list, and positions
     >= num_samples are its padding.
@@ -60,6 +63,7 @@ class MapSource:
 
     def __init__(self, loader: DataLoader, rank: int, world_size: int):
         self.loader = loader
+        self.spec = getattr(loader.dataset, "extract_spec", None)
         order = self._order(loader)
         self.num_samples = len(order)
         self.order_digest = hashlib.sha256(order.astype("<i8").tobytes()).hexdigest()[:16]
@@ -121,6 +125,7 @@ class IterableSource:
 
     def __init__(self, data: Iterable):
         self.data = data
+        self.spec = getattr(getattr(data, "dataset", data), "extract_spec", None)
 
     def batches(self, skip_batches: int, pin: bool):
         """Yield (batch, None, None) after consuming, without running them, ``skip_batches``."""

@@ -36,6 +36,14 @@ class Step:
     mask: Optional[torch.Tensor] = None  # tokens=: the call's attention mask and ids
     ids: Optional[torch.Tensor] = None
     keep: Optional[Tuple[tuple, torch.Tensor]] = None  # ((N, T, device), kept tokens [N, T])
+    stopped: bool = False  # ended by StopForward after its last captured layer (stop_early)
+
+
+class StopForward(BaseException):
+    """Raised by a hook, with ``stop_early``, once every captured layer of the step has run: the
+    rest of the forward is not needed. A BaseException, so that a model's ``except Exception``
+    fallbacks do not swallow it; ``extract`` catches it around each forward and calls
+    :meth:`StepHooks.end_stopped_step`."""
 
 
 class Counters:
@@ -61,8 +69,12 @@ class StepHooks:
     side is in fastcap/capture.py)."""
 
     def __init__(self, model: nn.Module, layers: Dict[str, Layer], depth: int, collect: bool = True,
-                 tokens: Optional[BoundTokens] = None):
+                 tokens: Optional[BoundTokens] = None, stop_early: bool = False):
         self._model = model
+        self._stop_early = stop_early
+        # With stop_early: the layer calls of the first step that ran to its end. A later step
+        # has run every captured layer once its calls equal these.
+        self._calls_per_step: Optional[Dict[str, int]] = None
         self._tokens = tokens
         self._samples = 0  # samples numbered so far by token indices
         self._layers = layers
@@ -125,6 +137,8 @@ class StepHooks:
         step = self._open.pop(tid, None)
         if step is None:
             return
+        if self._stop_early and self._calls_per_step is None and not step.stopped and step.calls:
+            self._calls_per_step = dict(step.calls)
         self._steps.append(step)
         self._steps_finished += 1
         if self._collector is not None:
@@ -143,6 +157,13 @@ class StepHooks:
             step = self._open.get(threading.get_ident())
             if step is not None and step.implicit:
                 self._finish_locked(threading.get_ident())
+
+    def end_stopped_step(self) -> None:
+        """After a forward ended by :class:`StopForward`: the model's own post-hook did not run
+        (torch runs always_call hooks for an Exception only), so finish its step here."""
+        self._local.depth = 0
+        with self._cond:
+            self._finish_locked(threading.get_ident())
 
     def _step_for_hook(self, layer: Layer) -> Step:
         tid = threading.get_ident()
@@ -195,6 +216,9 @@ class StepHooks:
             # captured before stays in result()).
             self.close()
             raise
+        if self._stop_early and not step.implicit and step.calls == self._calls_per_step:
+            step.stopped = True
+            raise StopForward(layer.key)  # the deepest captured layer has run
         return None
 
     def _capture_tokens(self, step: Step, key: str, layer: Layer, x: torch.Tensor) -> Dict[str, Item]:

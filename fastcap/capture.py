@@ -307,14 +307,18 @@ def build_capture(model: nn.Module, layers: LayerSpec, reduce: Union[str, Mappin
                   depth: int = 2,
                   collect: bool = True,
                   tokens: Optional[Tokens] = None,
-                  keep_layout: bool = True) -> Capture:
+                  keep_layout: bool = True,
+                  stop_early: bool = False) -> Capture:
     """:func:`capture` with the options only fastcap's own callers use: ``keep_layout=False``
-    lays full captures out contiguously (extract writes C-order rows straight from the slot)."""
+    lays full captures out contiguously (extract writes C-order rows straight from the slot);
+    ``stop_early=True`` ends each forward with ``fastcap._steps.StopForward`` once every
+    captured layer has run as often as in the first complete forward (extract, which needs no
+    outputs, catches it)."""
     plans = plan_layers(model, layers, reduce, k=k, channel_dim=channel_dim, dtype=dtype, select=select,
                         tokens=tokens, keep_layout=keep_layout)
     _check_depth(depth)
     bound = BoundTokens(tokens, model) if tokens is not None else None
-    return Capture(model, plans, depth, collect, bound)
+    return Capture(model, plans, depth, collect, bound, stop_early)
 
 
 def capture(model: nn.Module, layers: LayerSpec, reduce: Union[str, Mapping[str, str]] = "full", *,

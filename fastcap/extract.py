@@ -32,11 +32,12 @@ from fastcap._distributed import ProcessGroup
 from fastcap._layers import model_device
 from fastcap._sources import batch_size, make_source, to_device
 from fastcap._tokens import Tokens
+from fastcap._steps import StopForward
 from fastcap.capture import build_capture
 from fastcap.store import Store, open
 from fastcap.store._format import LOCK, MANIFEST, is_ours, out_error, read_json
 from fastcap.store._lock import OutLock
-from fastcap.store._writer import RankDir, ShardWriter, write_merged_manifest
+from fastcap.store._writer import RankDir, ShardWriter, size_text as _size, write_merged_manifest
 
 __all__ = ["extract"]
 
@@ -58,6 +59,8 @@ def extract(
     forward: Callable[[torch.nn.Module, Any], Any] | None = None,
     depth: int = 4,
     tokens: Tokens | None = None,
+    stop_early: bool = True,
+    check_space: bool = True,
 ) -> "Store":
     """Run ``model`` over ``data`` and write the captured layers to ``out/``; return the store.
 
@@ -86,6 +89,18 @@ def extract(
         progress: show a tqdm progress bar; default: only when stderr is a terminal.
         forward: ``forward(model, batch)`` runs one batch already on the model's device;
             default ``model(batch)``, ``model(batch[0])``, or ``model(**batch)``.
+        stop_early: end each forward once the deepest captured layer has run (the model's
+            outputs are not needed): capturing block 6 of 12 costs about half a forward. The
+            first forward of a run goes to the end to learn which layer runs last; the captures
+            are bit-identical to full forwards. Pass False for models whose later layers have
+            side effects you need.
+        check_space: after the first batch, before anything is written, the bytes still to
+            write are estimated (shown with the progress bar, and in ``fastcap extract``'s
+            summary); a disk with less free space is refused with an ``OSError`` naming both
+            figures. False: go ahead anyway.
+
+    Every key whose rows are float vectors gets running statistics (count, per-channel mean,
+    variance, min, max, mean row norm), merged over shards and ranks: ``store.stats[key]``.
 
     Under ``torchrun`` it initialises torch.distributed when the script has not (gloo on CPU,
     NCCL on CUDA), splits the loader's dataset with ``DistributedSampler(shuffle=False)``,
@@ -107,21 +122,30 @@ def extract(
     store, _ = extract_with_stats(
         model, data, layers, reduce, out=out, k=k, channel_dim=channel_dim, dtype=dtype,
         select=select, shard_size=shard_size, overwrite=overwrite, progress=progress,
-        forward=forward, depth=depth, tokens=tokens,
+        forward=forward, depth=depth, tokens=tokens, stop_early=stop_early, check_space=check_space,
     )
     return store
 
 
 def extract_with_stats(model, data, layers, reduce, *, out, k, channel_dim, dtype, select, shard_size,
-                       overwrite, progress, forward, depth, tokens=None) -> tuple[Store, dict]:
-    """:func:`extract`, also returning run statistics (for the command line summary)."""
+                       overwrite, progress, forward, depth, tokens=None, stop_early=True, check_space=True,
+                       on_estimate=None) -> tuple[Store, dict]:
+    """:func:`extract`, also returning run statistics (for the command line summary).
+
+    ``on_estimate(estimated_bytes, free_bytes)`` is called on each rank once the first batch
+    has been captured, before anything is written (default: shown with the progress bar).
+    The statistics: ``samples``, ``seconds``, ``input_tokens`` (tokens the model read: the
+    attention masks' sums), ``kept_tokens`` (token rows written), ``bytes_written``,
+    ``estimated_bytes``, ``shards_written``, ``resumed_samples``, ``stall_seconds``,
+    ``max_pending_steps``, ``capture`` (its ``stats()``), ``rank``, ``world_size``."""
     _check_arguments(model, data, out, shard_size, depth)
     # Built first so that bad layers/reduce/k fail before out is touched; hooks come later.
     # The writer thread is the consumer (collect=False: the forward waits for it, so host memory
     # stays bounded), and full captures are laid out contiguously: rows go from the slot to the
     # .npy file as they are.
     cap = build_capture(model, layers, reduce, k=k, channel_dim=channel_dim, dtype=dtype,
-                        select=select, depth=depth, collect=False, tokens=tokens, keep_layout=False)
+                        select=select, depth=depth, collect=False, tokens=tokens, keep_layout=False,
+                        stop_early=stop_early)
     device = model_device(model)
     group = ProcessGroup.join(device)
     lock = None
@@ -140,8 +164,12 @@ def extract_with_stats(model, data, layers, reduce, *, out, k, channel_dim, dtyp
 
         group.run_on_rank0(prepare)
         rank_dir = RankDir.open(root, group.rank, args, source.num_samples)
-        stats = _run_rank(model, cap, device, source, rank_dir, shard_size,
-                          _show_progress(progress, group.rank), forward or _default_forward)
+        show_progress = _show_progress(progress, group.rank)
+        if on_estimate is None and show_progress:
+            on_estimate = _print_estimate
+        writer = ShardWriter(rank_dir, shard_size, source.rank_samples, check_space, on_estimate)
+        stats = _run_rank(model, cap, device, source, rank_dir, writer, show_progress,
+                          forward or _default_forward)
         group.barrier()
         if group.rank == 0 and not (root / MANIFEST).is_file():
             write_merged_manifest(root, group.world_size)
@@ -172,43 +200,50 @@ def _check_arguments(model, data, out, shard_size, depth) -> None:
         raise ValueError(f"depth must be a positive int, got {depth!r}")
 
 
-def _run_rank(model, cap, device, source, rank_dir, shard_size, show_progress, forward) -> dict:
+def _run_rank(model, cap, device, source, rank_dir, writer, show_progress, forward) -> dict:
     """Run this rank's remaining batches; every step ends up in a committed shard."""
     from tqdm.auto import tqdm
 
-    stats = {"samples": 0, "seconds": 0.0, "bytes_written": 0, "shards_written": 0,
-             "resumed_samples": rank_dir.committed_samples, "stall_seconds": 0.0,
-             "max_pending_steps": 0}
+    stats = {"samples": 0, "seconds": 0.0, "input_tokens": 0, "kept_tokens": 0, "bytes_written": 0,
+             "estimated_bytes": None, "shards_written": 0, "resumed_samples": rank_dir.committed_samples,
+             "stall_seconds": 0.0, "max_pending_steps": 0}
     if rank_dir.complete:
         return stats
     if model.training:
         warnings.warn("extract: model is in training mode (dropout, batch-norm updates); "
                       "call model.eval() first for reproducible features", UserWarning, stacklevel=4)
     batches = source.batches(rank_dir.committed_batches, pin=device.type == "cuda")
-    writer = ShardWriter(rank_dir, shard_size)
     started = time.perf_counter()
     with tqdm(total=source.rank_samples, initial=rank_dir.committed_samples, unit="item",
               desc="extract", disable=not show_progress, file=sys.stderr, dynamic_ncols=True) as bar:
         with torch.inference_mode(), cap:
-            _forward_all(model, cap, batches, writer, device, forward, bar)
+            input_tokens = _forward_all(model, cap, batches, writer, device, forward, bar)
             stats["capture"] = cap.stats()
             stats["stall_seconds"] = stats["capture"]["forward_wait_seconds"]
         writer.finish()
-    stats.update(samples=writer.samples, seconds=time.perf_counter() - started,
-                 bytes_written=writer.bytes_written, shards_written=writer.shards_written,
+    stats.update(samples=writer.samples, seconds=time.perf_counter() - started, input_tokens=input_tokens,
+                 kept_tokens=writer.tokens, bytes_written=writer.bytes_written,
+                 estimated_bytes=writer.estimated_bytes, shards_written=writer.shards_written,
                  max_pending_steps=writer.max_pending)
     return stats
 
 
-def _forward_all(model, cap, batches, writer: "ShardWriter", device, forward, bar) -> None:
-    """The forward loop: the writer thread drains ``cap`` while this thread runs the model."""
+def _forward_all(model, cap, batches, writer: "ShardWriter", device, forward, bar) -> int:
+    """The forward loop: the writer thread drains ``cap`` while this thread runs the model.
+    Returns the input tokens read (0 for batches without ``input_ids``)."""
     writer.start(cap)
+    tokens = []  # per batch, a tensor where the mask lives: read once at the end (no sync)
     try:
         for number, (batch, indices, positions) in enumerate(batches):
             writer.raise_if_failed()
             size = len(indices) if indices is not None else batch_size(batch)
             before = cap.steps_finished
-            forward(model, to_device(batch, device))
+            batch = to_device(batch, device)
+            tokens.append(_input_tokens(batch))
+            try:
+                forward(model, batch)
+            except StopForward:  # every captured layer has run: the rest is not needed
+                cap.end_stopped_step()
             cap.end_step()  # a forward that called submodules directly made one step too
             made = cap.steps_finished - before
             if made != 1:
@@ -224,6 +259,24 @@ def _forward_all(model, cap, batches, writer: "ShardWriter", device, forward, ba
     except BaseException:
         writer.abort()
         raise
+    return int(sum(int(count) for count in tokens))
+
+
+def _input_tokens(batch):
+    """The tokens a language-model batch holds: its attention mask's sum, else its ids' count."""
+    if not isinstance(batch, Mapping):
+        return 0
+    mask, ids = batch.get("attention_mask"), batch.get("input_ids")
+    if isinstance(mask, torch.Tensor):
+        return mask.sum()
+    return ids.numel() if isinstance(ids, torch.Tensor) else 0
+
+
+def _print_estimate(estimated: int, free: int) -> None:
+    from tqdm.auto import tqdm
+
+    tqdm.write(f"extract: about {_size(estimated)} to write (estimated from the first batch), "
+               f"{_size(free)} free", file=sys.stderr)
 
 
 def _default_forward(model, batch):
@@ -259,7 +312,7 @@ def _fingerprint(model, source, layers, reduce, k, channel_dim, dtype, select, s
         "batch_size": source.batch_size,
         "sample_order": source.order_digest,
         "model": _model_digest(model),
-    }
+    } | ({} if source.spec is None else {"data_spec": _jsonable(source.spec)})
 
 
 def _jsonable(value):
@@ -331,6 +384,7 @@ _MISMATCH_HINTS = {
     "sample_order": " (a digest of the order the DataLoader's sampler gives: use a "
                     "deterministic sampler)",
     "world_size": " (the number of torchrun processes)",
+    "data_spec": " (how the corpus was tokenized and batched: --context, --pack/--padding, ...)",
 }
 
 

@@ -1,6 +1,6 @@
 """extract(..., tokens=): token-major shards for "tokens" keys with store.tokens aligned to them,
 pooled keys one row per sample; equal to capture(); resumable bit for bit after SIGKILL; a
-2-rank torchrun run equal to one process."""
+2-rank torchrun run equal to one process, its running statistics merged over the ranks."""
 from __future__ import annotations
 
 import json
@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader
 
 import fastcap
 from test_extract import WORKER, _files, _free_port, _one_thread, _run, worker  # noqa: F401 (_one_thread: autouse)
+from test_extract_lm import _assert_stats_match_numpy
 
 
 def _reference(count: int, batch_size: int):
@@ -75,3 +76,8 @@ def test_tokens_torchrun_two_ranks_equal_single_process(tmp_path):
     torch.testing.assert_close(two["rows"].tensor(), one["rows"].tensor())
     torch.testing.assert_close(two["pool"].tensor(), one["pool"].tensor())
     assert json.loads((multi / "manifest.json").read_text())["keys"]["rows"]["rows"] == "tokens"
+    # Running statistics merged over the 2 ranks, the padding duplicate left out: numpy's over the store.
+    _assert_stats_match_numpy(two)
+    assert sorted(two.stats) == ["pool", "rows"] and two.stats["rows"].count == len(two["rows"])
+    for key in two.stats:
+        np.testing.assert_allclose(two.stats[key].mean, one.stats[key].mean, rtol=1e-6, atol=1e-12)

@@ -18,8 +18,9 @@ import numpy as np
 import torch
 
 from fastcap.store._format import MANIFEST, TOKEN_KEYS, dataset_order, merge_manifests, read_manifest
+from fastcap.store._stats import KeyStats, Moments
 
-__all__ = ["open", "Store", "LayerArray", "TokenRows"]
+__all__ = ["open", "Store", "LayerArray", "TokenRows", "KeyStats"]
 
 
 def open(out: str | os.PathLike) -> "Store":  # noqa: A001 - fastcap.open, like np.load
@@ -69,11 +70,16 @@ class Store(Mapping):
             per sample).
         tokens: with ``extract(tokens=...)``, a :class:`TokenRows` aligned with the keys that
             have one row per kept token (``sample`` is the dataset index); else None.
+        stats: ``{key: KeyStats}`` for every key whose rows are float vectors (pooled, token
+            rows, full ``[N, C]``): count, per-channel ``mean``/``var``/``std``/``min``/``max``
+            and ``norm_mean`` (the mean L2 norm of a row), over the store's rows, computed in
+            float64 while extracting.
 
     Example:
         >>> store = fastcap.open("feats/")
         >>> list(store)                      # ['layer3', 'layer4']
         >>> store["layer4"][10:20].mean()
+        >>> store.stats["layer4"].mean       # float64 [2048], for normalising
         >>> store.verify()                   # every shard file against its recorded crc32
     """
 
@@ -84,6 +90,8 @@ class Store(Mapping):
         self._keys = manifest.get("keys", {})
         self._shards = manifest.get("shards", [])
         self._arrays: dict[str, LayerArray] = {}  # one per key, so its memory maps are reused
+        self.stats: dict[str, KeyStats] = {key: Moments.from_json(value).key_stats()
+                                           for key, value in manifest.get("stats", {}).items()}
         self._check_sizes()
         self._locate_rows()
 

@@ -8,6 +8,10 @@ Layout of ``out/`` (every file is written to a temporary name, fsynced, then ren
     rank-00000/shard-000000/layer4.npy one .npy per key per shard, rows in the rank's order
     rank-00001.json, rank-00001/...    further ranks under torchrun
 
+Statistics: every key whose rows are float vectors (``[rows, C]``: pooled, token rows, full
+``[N, C]``; not top-k) has running moments in ``stats`` (``_stats.py``): per rank in the rank
+manifest, updated with each shard's commit, and merged over the ranks in ``manifest.json``.
+
 Keys: a ``full`` or ``mean`` layer is stored under its capture key (``"layer4"``); a ``topk``
 layer as two arrays, ``"layer4"`` (the values) and ``"layer4.indices"`` (int64 channel
 indices). ``bfloat16`` and other dtypes numpy lacks are stored as unsigned integers of the
@@ -24,6 +28,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from fastcap.store._stats import merge_json
 
 FORMAT = "fastcap-extract"
 FORMAT_VERSION = 2  # 2: each shard records its files' sizes and crc32s
@@ -66,12 +72,15 @@ def merge_manifests(ranks: list[dict]) -> dict:
             keys[key] = meta | {"shape": None if meta.get("rows") == "tokens" else [rows, *meta["row_shape"]]}
     world_size = first["args"]["world_size"]
     complete = len(ranks) == world_size and all(state["complete"] for state in ranks)
+    stats = {key: merge_json([state.get("stats", {}).get(key) for state in ranks])
+             for key, meta in keys.items() if meta.get("stats")}
     return header(first["args"]) | {
         "world_size": world_size,
         "num_samples": num_samples,
         "rows": rows,
         "complete": complete,
         "keys": keys,
+        "stats": {key: value for key, value in stats.items() if value is not None},
         "shards": shards,
     }
 

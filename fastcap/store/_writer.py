@@ -6,6 +6,7 @@ drains a capture into them. The format itself is in ``_format.py``.
 from __future__ import annotations
 
 import builtins
+import errno
 import os
 import shutil
 import threading
@@ -21,6 +22,7 @@ from fastcap._slots import INDEX_MODE
 from fastcap.store._format import (INDICES_SUFFIX, MANIFEST, TOKEN_KEYS, RAW_BITS, encode_runs, fsync_dir, header,
                                    key_meta, merge_manifests, npy_header, out_error, rank_name, read_json,
                                    write_json_atomic)
+from fastcap.store._stats import Moments, shard_moments
 
 # How long the writer thread waits for a step (or for the main thread's word) between checks
 # of its stop flag.
@@ -149,8 +151,14 @@ class Shard:
 
     def commit(self, indices: np.ndarray, positions: np.ndarray) -> None:
         """Close, fsync, rename into place, then name the shard in the rank manifest, with the
-        dataset indices (and global positions) of its rows."""
+        dataset indices (and global positions) of its rows; the rank's running statistics take
+        in the shard's rows in the same manifest write."""
         files = {stream.path.name: stream.close() for stream in self.streams.values()}
+        state = self.rank_dir.state
+        stats = dict(state.get("stats", {}))
+        for key, moments in self._moments(positions, state.get("num_samples")).items():
+            previous = Moments.from_json(stats.get(key))
+            stats[key] = (moments if previous is None else previous.merge(moments)).to_json()
         fsync_dir(self.tmp)
         final = self.rank_dir.dir / self.name
         os.replace(self.tmp, final)
@@ -165,11 +173,33 @@ class Shard:
             "tokens": self.tokens,
             "files": files,
         })
+        previous_stats = state.get("stats")
+        state["stats"] = stats
         try:
             self.rank_dir.save()
         except BaseException:
             shards.pop()  # not committed: a rerun deletes the renamed directory
+            state["stats"] = previous_stats
             raise
+
+    def _moments(self, positions: np.ndarray, num_samples: int | None) -> dict:
+        """Each statistics key's moments over the shard's rows that the store presents: a
+        DistributedSampler's padding duplicates (positions >= num_samples) left out."""
+        keys = self.rank_dir.state["keys"]
+        keep = None
+        if num_samples is not None and len(positions) and positions.max() >= num_samples:
+            keep = positions < num_samples
+        moments = {}
+        for key, meta in keys.items():
+            if not meta.get("stats") or key not in self.streams:
+                continue
+            rows = keep
+            if keep is not None and meta.get("rows") == "tokens":  # a token's sample is a shard row
+                rows = keep[np.load(self.streams[TOKEN_KEYS[0]].path).astype(np.int64)]
+            result = shard_moments(self.streams[key].path, meta["torch_dtype"], rows)
+            if result is not None:
+                moments[key] = result
+        return moments
 
     def discard(self) -> None:
         for stream in self.streams.values():
@@ -189,9 +219,15 @@ class ShardWriter:
     error at its next check.
     """
 
-    def __init__(self, rank_dir: RankDir, shard_size: int):
+    def __init__(self, rank_dir: RankDir, shard_size: int, expected_samples: int | None = None,
+                 check_space: bool = True, on_estimate=None):
         self.rank_dir = rank_dir
         self.shard_size = shard_size
+        self.expected_samples = expected_samples  # this rank's samples in all (None: unknown)
+        self.check_space = check_space
+        self.on_estimate = on_estimate
+        self.estimated_bytes: int | None = None
+        self.tokens = 0
         self.pending: deque = deque()
         self.max_pending = 0
         self.samples = 0
@@ -304,6 +340,8 @@ class ShardWriter:
             if shard is not None:
                 shard.discard()
                 self._shard = None
+            if isinstance(error, NotEnoughSpace):
+                raise
             kept = len(self.rank_dir.state["shards"])
             raise OSError(
                 error.errno,
@@ -315,6 +353,8 @@ class ShardWriter:
 
     def _write_step(self, items: Mapping) -> None:
         step = _step_arrays(items, self.rank_dir)
+        if self.estimated_bytes is None and self.expected_samples is not None:
+            self._estimate(step)
         if self._shard is None:
             self._shard = Shard(self.rank_dir, len(self.rank_dir.state["shards"]))
         if step.index_offset is not None:
@@ -324,8 +364,29 @@ class ShardWriter:
             step.arrays[sample] = step.arrays[sample] - step.index_offset + self._shard.samples
         self.bytes_written += self._shard.append(step.arrays, step.samples, step.tokens)
         self.samples += step.samples
+        self.tokens += step.tokens
         if self._shard.samples >= self.shard_size:
             self._commit()
+
+    def _estimate(self, step: "StepArrays") -> None:
+        """Before the run's first byte reaches the disk: the bytes still to write, extrapolated
+        from the first step (its rows, and kept tokens, per sample); refused when the disk has
+        less free (with check_space)."""
+        remaining = self.expected_samples - self.rank_dir.committed_samples
+        per_sample = sum(array.nbytes for array in step.arrays.values()) / max(step.samples, 1)
+        shards = -(-remaining // self.shard_size)
+        headers = shards * 128 * len(step.arrays)  # a .npy header per key and shard
+        self.estimated_bytes = estimated = int(per_sample * remaining) + headers
+        free = free_bytes(self.rank_dir.root)
+        if self.on_estimate is not None:
+            self.on_estimate(estimated, free)
+        if self.check_space and estimated > free:
+            raise NotEnoughSpace(
+                errno.ENOSPC,
+                f"extract: out={str(self.rank_dir.root)!r} has {size_text(free)} free, but rank "
+                f"{self.rank_dir.rank} is about to write about {size_text(estimated)} ({remaining} samples at "
+                f"{size_text(per_sample)} each, estimated from the first batch); free some space or choose "
+                "another out, or pass check_space=False (--no-check-space) to go ahead")
 
     def _commit(self) -> None:
         """Pair the shard's steps with their confirmed batches, in order, and commit it."""
@@ -340,6 +401,23 @@ class ShardWriter:
         shard.commit(np.concatenate([b[1] for b in batches]), np.concatenate([b[2] for b in batches]))
         self._shard = None
         self.shards_written += 1
+
+
+def free_bytes(path: Path) -> int:
+    """Bytes free for this user on the file system holding ``path``."""
+    return shutil.disk_usage(path).free
+
+
+def size_text(count: float) -> str:
+    """``count`` bytes for people: 512 B, 1.5 MiB, 2.0 GiB."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if count < 1024 or unit == "TiB":
+            return f"{int(count)} B" if unit == "B" else f"{count:.1f} {unit}"
+        count /= 1024
+
+
+class NotEnoughSpace(OSError):
+    """The disk holds less than the run is estimated to write (raised before writing)."""
 
 
 class _Aborted(Exception):
@@ -361,6 +439,7 @@ def _step_arrays(items: Mapping, rank_dir: RankDir) -> StepArrays:
     arrays: dict[str, np.ndarray] = {}
     dtypes: dict[str, torch.dtype] = {}
     token_major: set[str] = set()
+    with_stats: set[str] = set()  # vector rows of floats: running statistics are kept for them
     samples = tokens = None
     index_offset = None
     for key, item in items.items():
@@ -378,6 +457,8 @@ def _step_arrays(items: Mapping, rank_dir: RankDir) -> StepArrays:
             dtypes[name] = tensor.dtype
             if item.counted:
                 token_major.add(name)
+            if item.mode not in (INDEX_MODE, "topk") and tensor.dim() == 2 and tensor.dtype.is_floating_point:
+                with_stats.add(name)
     for name, array in arrays.items():
         if name in token_major:
             tokens = array.shape[0] if tokens is None else tokens
@@ -392,6 +473,8 @@ def _step_arrays(items: Mapping, rank_dir: RankDir) -> StepArrays:
             keys[name] = {"file": file} | key_meta(array, dtypes[name])
             if name in token_major:
                 keys[name]["rows"] = "tokens"
+            if name in with_stats:
+                keys[name]["stats"] = True
     _check_keys(keys, arrays, dtypes)
     return StepArrays(arrays, samples or 0, tokens or 0, index_offset)
 

@@ -1,0 +1,118 @@
+"""Running statistics of a key's rows, as SAE training normalises with: count, per-channel mean
+and variance, the mean L2 norm of a row, per-channel min and max.
+
+Each shard's moments are computed in float64 when it is committed, over exactly the rows the
+store presents (a DistributedSampler's padding duplicates left out), and merged into the rank's
+running moments with Chan et al.'s pairwise update; ``merge_manifests`` merges the ranks the
+same way. The result does not depend on how the rows were split into shards, batches or ranks
+beyond float64 rounding.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+# Rows converted to float64 at a time: bounds the memory of the pass over a shard.
+_CHUNK_ROWS = 8192
+
+
+@dataclass(frozen=True)
+class KeyStats:
+    """Statistics of one key's rows ``[count, C]`` (float64 numpy arrays ``[C]``).
+
+    ``var`` is the population variance (``ddof=0``, as ``np.var``); ``norm_mean`` the mean of
+    ``np.linalg.norm(row)`` over the rows.
+
+    Example:
+        >>> s = fastcap.open("acts/").stats["resid6"]
+        >>> x = (torch.from_numpy(store["resid6"][:4096]) - torch.from_numpy(s.mean)) / s.norm_mean
+    """
+
+    count: int
+    mean: np.ndarray
+    var: np.ndarray
+    norm_mean: float
+    min: np.ndarray
+    max: np.ndarray
+
+    @property
+    def std(self) -> np.ndarray:
+        return np.sqrt(self.var)
+
+
+class Moments:
+    """Mergeable moments: count, mean, M2 (sum of squared deviations), sum of row norms, min, max."""
+
+    def __init__(self, count: int, mean: np.ndarray, m2: np.ndarray, norm_sum: float,
+                 low: np.ndarray, high: np.ndarray):
+        self.count, self.mean, self.m2, self.norm_sum, self.min, self.max = count, mean, m2, norm_sum, low, high
+
+    @classmethod
+    def of_rows(cls, rows: torch.Tensor) -> "Moments":
+        """The moments of float64 rows ``[n, C]`` (n >= 1), by the two-pass formula."""
+        mean = rows.mean(0)
+        m2 = ((rows - mean) ** 2).sum(0)
+        return cls(rows.shape[0], mean.numpy(), m2.numpy(), float(torch.linalg.vector_norm(rows, dim=1).sum()),
+                   rows.amin(0).numpy(), rows.amax(0).numpy())
+
+    def merge(self, other: "Moments | None") -> "Moments":
+        """Chan's parallel update: the moments of both sets of rows together."""
+        if other is None or other.count == 0:
+            return self
+        if self.count == 0:
+            return other
+        count = self.count + other.count
+        delta = other.mean - self.mean
+        mean = self.mean + delta * (other.count / count)
+        m2 = self.m2 + other.m2 + delta ** 2 * (self.count * other.count / count)
+        return Moments(count, mean, m2, self.norm_sum + other.norm_sum,
+                       np.minimum(self.min, other.min), np.maximum(self.max, other.max))
+
+    def key_stats(self) -> KeyStats:
+        return KeyStats(self.count, self.mean, self.m2 / self.count, self.norm_sum / self.count,
+                        self.min, self.max)
+
+    # The manifest holds them as JSON; Python's float repr round-trips float64 exactly.
+    def to_json(self) -> dict:
+        return {"count": self.count, "mean": self.mean.tolist(), "m2": self.m2.tolist(),
+                "norm_sum": self.norm_sum, "min": self.min.tolist(), "max": self.max.tolist()}
+
+    @classmethod
+    def from_json(cls, data: dict | None) -> "Moments | None":
+        if data is None:
+            return None
+        arrays = [np.asarray(data[name], dtype=np.float64) for name in ("mean", "m2", "min", "max")]
+        return cls(int(data["count"]), arrays[0], arrays[1], float(data["norm_sum"]), arrays[2], arrays[3])
+
+
+def shard_moments(path, torch_dtype: str, keep: np.ndarray | None) -> Moments | None:
+    """The moments of the rows of one shard's ``.npy`` file (only rows where ``keep`` is True,
+    when given), read in chunks; None when no row counts."""
+    data = np.load(path, mmap_mode="c")  # writable views: torch.from_numpy wants them
+    dtype = getattr(torch, torch_dtype)
+    total = None
+    for start in range(0, data.shape[0], _CHUNK_ROWS):
+        chunk = np.ascontiguousarray(data[start:start + _CHUNK_ROWS])
+        if keep is not None:
+            chunk = chunk[keep[start:start + _CHUNK_ROWS]]
+        if not len(chunk):
+            continue
+        rows = torch.from_numpy(chunk)
+        if rows.dtype != dtype:  # bfloat16 and other dtypes numpy lacks are stored as raw bits
+            rows = rows.view(dtype)
+        moments = Moments.of_rows(rows.to(torch.float64))
+        total = moments if total is None else total.merge(moments)
+    return total
+
+
+def merge_json(parts: list) -> dict | None:
+    """Merge moments given as JSON (None entries skipped) into JSON."""
+    total = None
+    for part in parts:
+        moments = Moments.from_json(part)
+        if moments is not None:
+            total = moments if total is None else total.merge(moments)
+    return None if total is None else total.to_json()
