@@ -4,7 +4,7 @@
 #
 #   call 1:  bash benchmarks/gpu_check.sh build tests   build (<= 4 min) + every test with CUDA (<= 5 min)
 #   call 2:  bash benchmarks/gpu_check.sh bench         ResNet-50 b256 fp16 channels_last layer1..4,
-#                                                       full/mean/topk (<= 7 min) + GPT-2 bf16 tokens (<= 2 min)
+#                                                       full/mean/topk (<= 7 min) + GPT-2 bf16 tokens, LM extract (<= 2.3 min)
 #
 # (the machine stays warm between two calls made back to back, so call 2 reuses call 1's build;
 # `bash benchmarks/gpu_check.sh` alone does all three steps). Every step has its own timeout, so
@@ -77,8 +77,9 @@ if want bench; then
         --reduce "$reduce" --k 8 "${size[@]}" "${dtype[@]}" --device "$DEVICE" "${extra[@]}" \
         --out "$OUT/resnet50-$reduce" >> "$OUT/bench.log" 2>&1 || { echo "- bench $reduce: FAILED or timed out" >> "$report"; rc=1; }
   done
-  step "benchmark: GPT-2, two residual layers as tokens"
-  timeout 120 $PY -m pytest benchmarks/test_bench_tokens.py -q -s -p no:cacheprovider -k "$DEVICE" \
+  step "benchmark: GPT-2, two residual layers as tokens; extract of hf-random:gpt2?n_layer=8 with early exit"
+  timeout 140 $PY -m pytest benchmarks/test_bench_tokens.py benchmarks/test_bench_extract_lm.py -q -s \
+      -p no:cacheprovider -k "$DEVICE" \
       --benchmark-json="$OUT/tokens.json" >> "$OUT/bench.log" 2>&1 || { echo "- tokens bench: FAILED or timed out" >> "$report"; rc=1; }
   # The device tool brings back at most 8 files: the JSONs, the full-capture plot, the log, the report.
   rm -f "$OUT"/resnet50-mean.png "$OUT"/resnet50-topk.png

@@ -58,10 +58,21 @@ def tokens_rows(out: str) -> list[str]:
     with open(path) as f:
         data = json.load(f)
     lines = ["", "| language model | kept tokens/s plain | kept tokens/s fastcap tokens | ratio |", "|---|---:|---:|---:|"]
+    extracts = []
     for b in data["benchmarks"]:
         c = b["extra_info"]
+        if c.get("kind") == "extract_lm":
+            extracts.append(c)
+            continue
         lines.append(f"| {c['model']}, {c['dtype']}, {c['device']}, batch {c['batch']} x {c['seq']} | "
                      f"{c['plain_tokens_per_s']:,.0f} | {c['tokens_per_s']:,.0f} | {c['ratio_vs_plain']:.3f} |")
+    if extracts:
+        lines += ["", "| LM extract to disk | input tokens/s plain forward | extract (early exit) | ratio "
+                  "| stop_early=False ratio |", "|---|---:|---:|---:|---:|"]
+    for c in extracts:
+        lines.append(f"| {c['model']}, {c['device']}, {c['rows']} x {c['context']}, batch {c['batch']} | "
+                     f"{c['tokens_per_s']['plain']:,.0f} | {c['tokens_per_s']['extract']:,.0f} | "
+                     f"{c['ratio_vs_plain']:.3f} | {c['ratio_full_vs_plain']:.3f} |")
     return lines
 
 

@@ -184,6 +184,31 @@ def tokens_markdown(cases) -> list[str]:
     return lines
 
 
+def extract_lm_markdown(cases) -> list[str]:
+    """Language-model extraction to disk, early exit on and off, against the plain forward."""
+    lines = []
+    for c in cases:
+        per_s = c["tokens_per_s"]
+        lines += [
+            f"### Extraction: `{c['model']}`, {c['rows']} packed rows x {c['context']} tokens, batch {c['batch']}, "
+            f"{', '.join(c['layers'].values())} as `reduce=\"tokens\"` to disk",
+            "",
+            "| | input tokens/s | time vs plain forward |",
+            "|---|---:|---:|",
+            f"| plain Hugging Face forward (logits) | {per_s['plain']:,.0f} | 1.000 |",
+            f"| `fastcap.extract` (early exit after the deeper block) | {per_s['extract']:,.0f} "
+            f"| **{c['ratio_vs_plain']:.3f}** |",
+            f"| `fastcap.extract`, `stop_early=False` | {per_s['extract_full']:,.0f} | {c['ratio_full_vs_plain']:.3f} |",
+            "",
+            f"Median of {c['rounds']} interleaved rounds (paired ratio); extract times are whole `extract()` "
+            f"calls (setup, writer, statistics, manifest). It wrote {_mib(c['bytes_written'])} MiB (estimated "
+            f"{_mib(c['estimated_bytes'])} MiB after the first batch); the forward waited "
+            f"{c['forward_wait_seconds'] or 0:.3f} s on the writer.",
+            "",
+        ]
+    return lines
+
+
 def growth_markdown(cases) -> list[str]:
     """Memory after 1, 10, 100 batches per method."""
     lines = []
@@ -238,6 +263,7 @@ def markdown(data) -> str:
         lines += growth_markdown(sel("memory_growth"))
         lines += grid_markdown(sel("throughput"))
         lines += tokens_markdown(sel("tokens"))
+        lines += extract_lm_markdown(sel("extract_lm"))
     return "\n".join(lines).rstrip() + "\n"
 
 
