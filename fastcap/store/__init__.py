@@ -184,6 +184,53 @@ class Store(Mapping):
     def _shard_path(self, shard: int, key: str) -> Path:
         return self.path / self._shards[shard]["path"] / self._keys[key]["file"]
 
+    def loader(self, keys, batch_size: int = 4096, shuffle: bool = True, seed: int = 0,
+               num_workers: int = 0, *, drop_last: bool = False, with_index: bool = False,
+               window: int | None = None, rank: int | None = None, world_size: int | None = None):
+        """Shuffled batches of rows for training (a sparse autoencoder on the token rows, say): an
+        ``IterableDataset`` yielding ``{key: tensor [batch, ...]}`` in the captured dtypes.
+
+        It reads the memory-mapped shards a window at a time, never a whole key. Each epoch a
+        permutation seeded by ``(seed, epoch)`` orders chunks of ``window // 16`` contiguous rows
+        of one shard; the rows are split, in that order, over ranks and DataLoader workers, and
+        each one shuffles ``window`` rows at a time before cutting batches. Every row comes
+        exactly once per epoch (all ranks and workers together); the same seed and epoch give
+        the same batches in the same order.
+
+        Args:
+            keys: a key or a list of keys, all with one row per kept token or all with one row
+                per sample (ValueError otherwise).
+            batch_size: rows per batch; the last batch of each rank may be shorter.
+            shuffle: False: the rows in the store's order, split over ranks and workers.
+            seed: the permutation's seed (an integer >= 0); see also ``set_epoch``.
+            num_workers: > 0 iterates through an internal
+                ``DataLoader(batch_size=None, num_workers=num_workers)``. Wrapping the loader in a
+                DataLoader of your own (``batch_size=None``) also gives every row once.
+            drop_last: drop rows so that every rank yields the same number of full batches
+                (under DDP, which needs the same number of steps on every rank).
+            with_index: add where each row came from: ``"sample"`` (the dataset index),
+                ``"position"`` and ``"token_id"`` for token rows, ``"index"`` for sample rows
+                (int64).
+            window: rows shuffled together (>= batch_size; default 16 * batch_size); each
+                worker holds a window of every key in memory.
+            rank, world_size: this process's share; by default from ``torch.distributed`` when
+                it is initialised, else 0 of 1.
+
+        Example:
+            >>> data = store.loader("rows", batch_size=4096, num_workers=2)
+            >>> len(data)                                # batches per epoch on this rank
+            >>> for epoch in range(10):
+            ...     data.set_epoch(epoch)                # a new order, the same on every rank
+            ...     for batch in data:
+            ...         x = batch["rows"].cuda(non_blocking=True)   # [4096, C]
+            ...         loss = sae(x).loss
+            ...         loss.backward(); optimizer.step(); optimizer.zero_grad()
+        """
+        from fastcap.store._loader import RowLoader  # _loader reads the store: imported on use
+
+        return RowLoader(self, keys, batch_size, shuffle, seed, num_workers, drop_last=drop_last,
+                         with_index=with_index, window=window, rank=rank, world_size=world_size)
+
 
 class TokenRows(NamedTuple):
     """Where each row of a store's ``"tokens"`` keys came from, aligned with them: numpy int64

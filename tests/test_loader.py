@@ -1,0 +1,231 @@
+"""store.loader: every row exactly once per epoch (one process, DataLoader workers, ranks, a real
+2-rank gloo run), seeded and per-epoch orders, batch shapes and dtypes, token and sample keys,
+argument checks. Tiny stores, built once per module."""
+from __future__ import annotations
+
+import collections
+import json
+
+import pytest
+import torch
+from torch.utils.data import DataLoader, IterableDataset
+
+import fastcap
+from test_extract import WORKER, _free_port, _loader, _one_thread, _run, worker  # noqa: F401 (_one_thread: autouse)
+
+LOADER_WORKER = WORKER.parent / "_loader_worker.py"
+
+
+@pytest.fixture(scope="module")
+def tokens(tmp_path_factory):
+    """30 texts, shards of 8: "rows" one row per kept token (91), "pool" one row per sample."""
+    out = tmp_path_factory.mktemp("tokens")
+    return fastcap.extract(worker.tiny_lm(), DataLoader(worker.Texts(30), batch_size=4), worker.TOKEN_LAYERS,
+                           worker.TOKEN_REDUCE, out=out, shard_size=8, tokens=worker.tokens(), progress=False)
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    """50 images, shards of 16: "0" [50, 8, 8, 8] bfloat16 and "3" [50, 16] (a mean, float32)."""
+    out = tmp_path_factory.mktemp("images")
+    return fastcap.extract(worker.tiny_model(), _loader(50, 8), worker.LAYERS, worker.REDUCE, out=out,
+                           shard_size=16, dtype=torch.bfloat16, progress=False)
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    """A real 2-rank gloo run (37 texts: rank 1 pads with a duplicate): the store, and what each
+    rank's loader yielded with its rank taken from torch.distributed."""
+    out = tmp_path_factory.mktemp("two_ranks")
+    report = out / "report"
+    run = _run(["-m", "torch.distributed.run", "--nproc_per_node=2", "--nnodes=1", "--master_addr=127.0.0.1",
+                f"--master_port={_free_port()}", str(LOADER_WORKER), str(out / "store"), str(report)], timeout=180)
+    assert run.returncode == 0, run.stdout + run.stderr
+    return fastcap.open(out / "store"), [json.loads((out / f"report.{r}").read_text()) for r in (0, 1)]
+
+
+def _token_origins(store) -> list[tuple[int, int]]:
+    return list(zip(store.tokens.sample.tolist(), store.tokens.position.tolist()))
+
+
+def _origins(batches) -> list[tuple[int, int]]:
+    """(sample, position) of every token row yielded, in order."""
+    return [(int(s), int(p)) for b in batches for s, p in zip(b["sample"], b["position"])]
+
+
+def _assert_rows_match_store(store, batches, key: str) -> None:
+    """Each yielded row is the store's row at its origin."""
+    where = {origin: row for row, origin in enumerate(_token_origins(store))}
+    reference = store[key].tensor()
+    for batch in batches:
+        rows = [where[(int(s), int(p))] for s, p in zip(batch["sample"], batch["position"])]
+        assert torch.equal(batch[key], reference[rows])
+        assert torch.equal(batch["token_id"], torch.from_numpy(store.tokens.token_id[rows]))
+
+
+def _once_each(origins, store) -> None:
+    counts = collections.Counter(origins)
+    assert max(counts.values()) == 1, "a row came twice"
+    assert sorted(counts) == sorted(_token_origins(store))
+
+
+# ------------------------------------------------------------------ every row exactly once
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_token_rows_once_per_epoch(tokens, num_workers):
+    data = tokens.loader("rows", batch_size=8, window=32, with_index=True, num_workers=num_workers)
+    batches = list(data)
+    _once_each(_origins(batches), tokens)
+    _assert_rows_match_store(tokens, batches, "rows")
+    assert len(data) == len(batches) == -(-91 // 8)
+    assert [len(b["rows"]) for b in batches] == [8] * 11 + [3]  # workers split on batch boundaries
+    # Shuffled across shards: not the store's order, and the first batch mixes shards (8 samples each).
+    assert _origins(batches) != _token_origins(tokens)
+    assert len({int(sample) // 8 for sample in batches[0]["sample"]}) > 1
+
+
+def test_own_dataloader_with_workers_gets_every_row_once(tokens):
+    data = tokens.loader("rows", batch_size=8, window=16, with_index=True)
+    batches = list(DataLoader(data, batch_size=None, num_workers=2))
+    _once_each(_origins(batches), tokens)
+    assert len(batches) == len(data)
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+@pytest.mark.parametrize("drop_last", [False, True])
+def test_ranks_split_rows_disjointly(tokens, num_workers, drop_last):
+    per_rank = [list(tokens.loader("rows", batch_size=8, window=16, with_index=True, rank=rank, world_size=2,
+                                   num_workers=num_workers, drop_last=drop_last)) for rank in (0, 1)]
+    origins = [_origins(batches) for batches in per_rank]
+    assert not set(origins[0]) & set(origins[1])
+    lengths = [len(tokens.loader("rows", batch_size=8, rank=r, world_size=2, drop_last=drop_last)) for r in (0, 1)]
+    assert [len(batches) for batches in per_rank] == lengths
+    if drop_last:  # the same number of full batches on every rank, for DDP
+        assert lengths == [91 // 2 // 8] * 2
+        assert all(len(b["rows"]) == 8 for batches in per_rank for b in batches)
+        assert collections.Counter(origins[0] + origins[1]) <= collections.Counter(_token_origins(tokens))
+    else:
+        _once_each(origins[0] + origins[1], tokens)
+        assert sorted(len(o) for o in origins) == [45, 46]
+
+
+def test_sample_keys_bfloat16_once_per_epoch(images):
+    data = images.loader(["0", "3"], batch_size=16, window=32, with_index=True, num_workers=2)
+    batches = list(data)
+    assert [len(b["index"]) for b in batches] == [16, 16, 16, 2] and len(data) == 4
+    assert sorted(torch.cat([b["index"] for b in batches]).tolist()) == list(range(50))
+    for batch in batches:
+        assert set(batch) == {"0", "3", "index"}
+        assert batch["0"].dtype == torch.bfloat16 and batch["index"].dtype == torch.int64
+        assert batch["3"].dtype == images["3"].torch_dtype == torch.float32  # a mean stays float32
+        assert batch["0"].shape[1:] == (8, 8, 8) and batch["3"].shape[1:] == (16,)
+        assert torch.equal(batch["0"], images["0"].tensor(batch["index"].numpy()))
+        assert torch.equal(batch["3"], images["3"].tensor(batch["index"].numpy()))
+
+
+def test_batch_shapes_and_dtypes_without_index(tokens):
+    data = tokens.loader(["rows"], batch_size=32)
+    batches = list(data)
+    assert [set(b) for b in batches] == [{"rows"}] * 3
+    assert [tuple(b["rows"].shape) for b in batches] == [(32, 16), (32, 16), (27, 16)]
+    assert all(b["rows"].dtype == torch.float32 and b["rows"].is_contiguous() for b in batches)
+    assert isinstance(data, IterableDataset)
+    pooled = list(tokens.loader("pool", batch_size=8, drop_last=True, with_index=True))
+    assert [tuple(b["pool"].shape) for b in pooled] == [(8, 16)] * 3 and set(pooled[0]) == {"pool", "index"}
+
+
+def test_no_shuffle_is_store_order(tokens):
+    batches = list(tokens.loader("rows", batch_size=8, shuffle=False, with_index=True))
+    assert _origins(batches) == _token_origins(tokens)
+    assert torch.equal(torch.cat([b["rows"] for b in batches]), tokens["rows"].tensor())
+
+
+def test_real_two_rank_run(two_ranks):
+    """Ranks from torch.distributed; the store interleaves the ranks' shards and drops rank 1's
+    padding duplicate, so rows are read through the store's order."""
+    store, reports = two_ranks
+    origins = [[tuple(row) for row in report["rows"]] for report in reports]
+    assert not set(origins[0]) & set(origins[1])
+    _once_each(origins[0] + origins[1], store)
+    assert [report["len"] for report in reports] == [-(-len(o) // 8) for o in origins]
+    assert reports[0]["drop_last_len"] == reports[1]["drop_last_len"] == reports[0]["drop_last_batches"]
+
+
+def test_interleaved_store_with_workers_and_ranks(two_ranks):
+    store, _ = two_ranks
+    assert not store._rows["tokens"].contiguous  # rank 0's and rank 1's samples alternate
+    per_rank = [list(store.loader("rows", batch_size=8, window=32, with_index=True, rank=r, world_size=2,
+                                  num_workers=2)) for r in (0, 1)]
+    _once_each(_origins(per_rank[0]) + _origins(per_rank[1]), store)
+    _assert_rows_match_store(store, per_rank[0] + per_rank[1], "rows")
+    unshuffled = list(store.loader("rows", batch_size=8, shuffle=False, with_index=True, num_workers=2))
+    assert _origins(unshuffled) == _token_origins(store)
+    assert torch.equal(torch.cat([b["rows"] for b in unshuffled]), store["rows"].tensor())
+
+
+# ------------------------------------------------------------------ order
+
+
+def _order(data) -> list[tuple[int, int]]:
+    return _origins(list(data))
+
+
+def test_same_seed_same_batches_other_seed_other_order(tokens):
+    first = list(tokens.loader("rows", batch_size=8, window=16, seed=3, with_index=True))
+    again = list(tokens.loader("rows", batch_size=8, window=16, seed=3, with_index=True))
+    assert len(first) == len(again)
+    for a, b in zip(first, again):  # batch by batch
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert _order(tokens.loader("rows", batch_size=8, window=16, seed=4, with_index=True)) != _origins(first)
+    workers = tokens.loader("rows", batch_size=8, window=16, seed=3, with_index=True, num_workers=2)
+    assert _order(workers) == _order(workers)
+
+
+def test_set_epoch_changes_the_order(tokens):
+    data = tokens.loader("rows", batch_size=8, window=16, with_index=True)
+    epoch0 = _order(data)
+    data.set_epoch(1)
+    epoch1 = _order(data)
+    assert epoch1 != epoch0 and sorted(epoch1) == sorted(epoch0)
+    data.set_epoch(0)
+    assert _order(data) == epoch0
+    data.set_epoch(1)
+    assert _order(DataLoader(data, batch_size=None, num_workers=2)) != _order(
+        DataLoader(tokens.loader("rows", batch_size=8, window=16, with_index=True), batch_size=None, num_workers=2))
+
+
+# ------------------------------------------------------------------ errors
+
+
+def test_mixing_token_and_sample_keys_is_an_error(tokens):
+    with pytest.raises(ValueError, match=r"'rows': 91 rows \(one per kept token\), "
+                                         r"'pool': 30 rows \(one per sample\)"):
+        tokens.loader(["rows", "pool"])
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"batch_size": 0}, "batch_size must be an integer >= 1, got 0"),
+    ({"batch_size": 2.5}, "batch_size must be an integer >= 1, got 2.5"),
+    ({"window": 4, "batch_size": 8}, r"window must be an integer >= batch_size=8 .*got 4"),
+    ({"num_workers": -1}, "num_workers must be an integer >= 0, got -1"),
+    ({"seed": -1}, "seed must be an integer >= 0, got -1"),
+    ({"rank": 2, "world_size": 2}, r"rank must be an integer in \[0, world_size=2\), got 2"),
+    ({"rank": -1, "world_size": 2}, r"rank must be an integer in \[0, world_size=2\), got -1"),
+    ({"rank": 0, "world_size": 0}, "world_size must be an integer >= 1, got 0"),
+    ({"rank": 1}, "pass rank= and world_size= together, got rank=1, world_size=None"),
+    ({"keys": []}, "keys must be a key or a non-empty list of keys, got"),
+    ({"keys": ["rows", "rows"]}, "names a key twice"),
+], ids=["batch0", "batch-float", "window", "workers", "seed", "rank-high", "rank-negative", "world0", "rank-alone",
+        "no-keys", "twice"])
+def test_bad_arguments(tokens, kwargs, match):
+    kwargs = {"keys": "rows"} | kwargs
+    with pytest.raises(ValueError, match=match):
+        tokens.loader(**kwargs)
+
+
+def test_unknown_key_and_epoch(tokens):
+    with pytest.raises(KeyError, match="'row' is not in the store.*did you mean"):
+        tokens.loader(["rows", "row"])
+    with pytest.raises(ValueError, match="epoch must be an integer >= 0, got -1"):
+        tokens.loader("rows").set_epoch(-1)
