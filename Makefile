@@ -1,5 +1,6 @@
 # fastcap's two commands, each doing all set-up on a fresh machine:
 #   make demo   extract features of a synthetic dataset with resnet50 (the main job)
+#   make demo-lm  the same for a language model: a random GPT-2 over packed synthetic text
 #   make test   venv + dependencies + build (CUDA sources too, when nvcc is here) + all tests
 # and: make bench (CPU benchmarks), make build, make clean.
 SHELL := /bin/bash
@@ -18,7 +19,7 @@ export TORCH_CUDA_ARCH_LIST ?= 9.0
 
 SOURCES := setup.py $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h')
 
-.PHONY: test demo bench build cmake-test pytest clean
+.PHONY: test demo demo-lm bench build cmake-test pytest clean
 
 $(VENV)/.deps: requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -57,6 +58,21 @@ demo: $(VENV)/.built
 	@echo
 	@echo "features written to feats/; open them with:"
 	@echo "  import fastcap; store = fastcap.open('feats/'); print(store['layer4'].shape)"
+
+# A 4-block GPT-2 with random weights (nothing is downloaded) over 128 synthetic documents packed
+# into rows of 128 tokens: the residual stream of two blocks at every token but BOS, then the
+# masked mean of the last one per row (a second, resumable run of its own).
+DEMO_LM := --model 'hf-random:gpt2?n_layer=4&n_embd=256&n_head=4' --data fake-text:128 --context 128 \
+  --pack --tokens --skip-ids bos --batch-size 16 --overwrite --progress
+demo-lm: $(VENV)/.built
+	$(PY) -m fastcap extract $(DEMO_LM) --layers transformer.h.1,transformer.h.3 --reduce tokens --out acts-lm/tokens/
+	$(PY) -m fastcap extract $(DEMO_LM) --layers transformer.h.3 --reduce mean --out acts-lm/mean/
+	@echo
+	@echo "activations written to acts-lm/; open them with:"
+	@echo "  import fastcap; store = fastcap.open('acts-lm/tokens/')"
+	@echo "  rows = store['transformer.h.3'][:]      # [n_tokens, 256], one row per kept token"
+	@echo "  store.tokens.sample, store.tokens.position, store.tokens.token_id   # where each row came from"
+	@echo "  pooled = fastcap.open('acts-lm/mean/')['transformer.h.3'][:]   # [rows, 256], masked mean"
 
 BENCH_DATE := $(shell date -u +%Y%m%d)
 bench: $(VENV)/.built

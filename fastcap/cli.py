@@ -9,6 +9,15 @@ import os
 import sys
 import time
 
+from fastcap.models import MODEL_DTYPES
+from fastcap.store._writer import size_text
+
+#: reduce modes that exist only over tokens: they imply --tokens.
+TOKEN_ONLY = ("tokens", "max", "first", "last")
+#: flags for text data only (their defaults are None/False so that "given" can be told).
+_TEXT_FLAGS = ("tokenizer", "text_field", "context", "pack", "padding", "tokens", "skip_ids", "start")
+
+
 EXTRACT_EPILOG = """\
 examples:
   # mean-pooled features of four ResNet-50 stages over 2048 synthetic 64x64 images
@@ -27,6 +36,16 @@ examples:
   import fastcap
   store = fastcap.open("feats/")
   x = store["layer4"][:]          # numpy [N, 2048], memory-mapped; torch.from_numpy(x)
+
+  # language model: the residual stream of two GPT-2 blocks at every token but BOS, over
+  # 256 random documents packed into rows of 128 tokens (random weights, nothing downloaded)
+  fastcap extract --model 'hf-random:gpt2?n_layer=4' --data fake-text:256 --context 128 --pack \
+      --layers transformer.h.1,transformer.h.3 --reduce tokens --skip-ids bos --out acts/
+
+  # a local model and its tokenizer over a JSON-lines corpus, one left-padded document per row,
+  # masked mean of the last block (store.tokens says where each token row came from)
+  fastcap extract --model hf:models/my-lm --model-dtype bf16 --data corpus.jsonl --context 512 \
+      --padding left --layers model.layers.23 --reduce mean --tokens --device cuda --out sent/
 
 Killed midway, the same command resumes from the last committed shard; with other arguments
 on an existing --out it refuses unless --overwrite is given.
@@ -87,29 +106,65 @@ def _add_extract_arguments(parser: argparse.ArgumentParser) -> None:
     what = parser.add_argument_group("what to run")
     what.add_argument("--model", required=True, metavar="SPEC",
                       help="torchvision name (resnet50, torchvision:vit_b_16), a module:function "
-                           "factory (my_pkg.models:build), or a TorchScript / torch.save'd model "
-                           "file (torch.save'd modules are unpickled: only your own files)")
+                           "factory (my_pkg.models:build), a TorchScript / torch.save'd model "
+                           "file (torch.save'd modules are unpickled: only your own files), "
+                           "hf:DIR (a local Hugging Face model directory), or "
+                           "hf-random:NAME?key=value&... (a Hugging Face architecture with random "
+                           "weights, e.g. 'hf-random:gpt2?n_layer=4&n_embd=256')")
+    what.add_argument("--model-dtype", choices=list(MODEL_DTYPES),
+                      help="dtype of hf: / hf-random: models (default: as saved for hf:, fp32)")
     what.add_argument("--weights", metavar="PATH",
                       help="state dict to load into the model (default: random init from --seed; "
                            "nothing is downloaded)")
     what.add_argument("--data", required=True, metavar="SPEC",
-                      help="an image folder (torchvision ImageFolder layout), or fake:N for N "
-                           "deterministic synthetic images")
+                      help="images: an image folder (torchvision ImageFolder layout), or fake:N for "
+                           "N deterministic synthetic images; text (needs --context): a .jsonl file "
+                           "(one document per line, in --text-field), a .txt file (one document per "
+                           "non-empty line), a folder of .txt/.jsonl files (sorted by name), a .npy "
+                           "of token ids (1-D: one document; 2-D [N, L]: N documents), or "
+                           "fake-text:N for N deterministic random documents in the model's "
+                           "vocabulary")
     what.add_argument("--image-size", type=int, metavar="PIXELS",
                       help="image side length (default: 64 for fake:N, 224 for a folder)")
     what.add_argument("--seed", type=int, default=0,
                       help="seed of the random init (default: %(default)s); every rank and every "
                            "resumed run must use the same one")
 
+    text = parser.add_argument_group("language models (text --data)")
+    text.add_argument("--tokenizer", metavar="DIR",
+                      help="local tokenizer directory for .jsonl/.txt data (default: the hf:DIR "
+                           "model's directory, when it holds one)")
+    text.add_argument("--text-field", metavar="NAME", help="field of a .jsonl record holding the "
+                                                         "text (default: text)")
+    text.add_argument("--context", type=int, metavar="T", help="tokens per row")
+    text.add_argument("--pack", action="store_true",
+                      help="pack documents into rows of exactly T tokens: doc1 BOS doc2 BOS ... cut "
+                           "into pieces of T-1, each row BOS + piece, the incomplete tail dropped "
+                           "(BOS: bos_token_id, else eos_token_id)")
+    text.add_argument("--padding", choices=["right", "left"],
+                      help="without --pack: one document per row, truncated to T and padded on this "
+                           "side (default: right)")
+    text.add_argument("--tokens", action="store_true",
+                      help="capture only real tokens (attention_mask): mean and topk become their "
+                           "masked versions; implied by --reduce tokens|max|first|last, --skip-ids "
+                           "and --start")
+    text.add_argument("--skip-ids", metavar="IDS",
+                      help="token ids not kept: comma separated ints and/or bos, eos, pad "
+                           "(e.g. 'bos' or 'bos,13')")
+    text.add_argument("--start", type=int, metavar="N",
+                      help="keep tokens from the N-th real token of each row on (default: 0)")
+
     capture = parser.add_argument_group("what to capture")
     capture.add_argument("--layers", action="append", required=True, metavar="NAMES",
                          help="module names, comma separated or repeated; globs allowed "
                               "('layer*.1', '**.mlp')")
-    capture.add_argument("--reduce", default="full", choices=["full", "mean", "topk"],
-                         help="full copy, per-channel mean, or top-k channels (default: %(default)s)")
+    capture.add_argument("--reduce", default="full", choices=["full", "mean", "topk", *TOKEN_ONLY],
+                         help="full copy, per-channel mean, top-k channels; for text also tokens "
+                              "(one row per kept token), max, first, last (per row, over the kept "
+                              "tokens) (default: %(default)s)")
     capture.add_argument("--k", type=int, help="channels kept by --reduce topk")
-    capture.add_argument("--channel-dim", type=int, default=1,
-                         help="channel dimension: 1 for NCHW (default), -1 for [N, T, C]")
+    capture.add_argument("--channel-dim", type=int,
+                         help="channel dimension (default: 1 for NCHW images, -1 for text [N, T, C])")
     capture.add_argument("--dtype", choices=["float32", "float16", "bfloat16"],
                          help="cast full captures to this dtype on the device (default: keep)")
 
@@ -127,6 +182,10 @@ def _add_extract_arguments(parser: argparse.ArgumentParser) -> None:
                      help="replace an extraction in --out made with other arguments")
     run.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                      help="show a progress bar (default: only when stderr is a terminal)")
+    run.add_argument("--no-stop-early", dest="stop_early", action="store_false",
+                     help="run each forward to the end (default: stop after the deepest captured layer)")
+    run.add_argument("--no-check-space", dest="check_space", action="store_false",
+                     help="write even when the disk seems to hold less than the estimated output")
 
 
 def _run_extract(args: argparse.Namespace) -> int:
@@ -134,21 +193,25 @@ def _run_extract(args: argparse.Namespace) -> int:
     from torch.utils.data import DataLoader
 
     from fastcap.extract import extract_with_stats
-    from fastcap.models import load_model, make_dataset
+    from fastcap.models import load_model
 
     started = time.perf_counter()
     try:
         device = _device(args.device)
+        text = _check_data_flags(args)
         torch.manual_seed(args.seed)
-        model = load_model(args.model, args.weights, device)
-        dataset = make_dataset(args.data, args.image_size)
+        model = load_model(args.model, args.weights, device, args.model_dtype)
+        dataset = _text_dataset(args, model) if text else _image_dataset(args)
         loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=False,
                             num_workers=args.num_workers, pin_memory=device.type == "cuda")
+        channel_dim = args.channel_dim if args.channel_dim is not None else (-1 if text else 1)
         store, stats = extract_with_stats(
             model, loader, _layer_list(args.layers), args.reduce, out=args.out, k=args.k,
-            channel_dim=args.channel_dim, dtype=getattr(torch, args.dtype) if args.dtype else None,
+            channel_dim=channel_dim, dtype=getattr(torch, args.dtype) if args.dtype else None,
             select=None, shard_size=args.shard_size, overwrite=args.overwrite,
             progress=args.progress, forward=None, depth=4,
+            tokens=_tokens(args, dataset) if text else None,
+            stop_early=args.stop_early, check_space=args.check_space, on_estimate=_print_estimate,
         )
     except (ValueError, TypeError, OSError) as error:
         print(f"fastcap extract: error: {error}", file=sys.stderr)
@@ -156,6 +219,76 @@ def _run_extract(args: argparse.Namespace) -> int:
     if stats["rank"] == 0:
         print(_summary(store, stats, device, time.perf_counter() - started))
     return 0
+
+
+def _check_data_flags(args: argparse.Namespace) -> bool:
+    """Whether --data is text; refuses flags that do not fit the kind of data."""
+    from fastcap.text import is_text_spec
+
+    text = is_text_spec(args.data)
+    if text:
+        if args.image_size is not None:
+            raise ValueError(f"--image-size is for images, but --data {args.data!r} is text")
+        if args.context is None:
+            raise ValueError(f"--data {args.data!r} is text: pass --context T, the tokens per row")
+        if args.pack and args.padding is not None:
+            raise ValueError(f"--pack makes full rows without padding: drop --padding {args.padding}")
+        if args.start is not None and args.start < 0:
+            raise ValueError(f"--start must be >= 0, got {args.start}")
+        return True
+    given = [name for name in _TEXT_FLAGS if getattr(args, name) not in (None, False)]
+    if args.reduce in TOKEN_ONLY:
+        given.append(f"reduce {args.reduce}")
+    if given:
+        flags = ", ".join("--" + name.replace("_", "-") for name in given)
+        raise ValueError(f"{flags}: for text data, but --data {args.data!r} is images (text is "
+                         "fake-text:N, .jsonl, .txt, .npy or a folder of .txt/.jsonl files)")
+    return False
+
+
+def _image_dataset(args: argparse.Namespace):
+    from fastcap.models import make_dataset
+
+    return make_dataset(args.data, args.image_size)
+
+
+def _text_dataset(args: argparse.Namespace, model):
+    import inspect
+
+    from fastcap.models import tokenizer_dir
+    from fastcap.text import make_text_dataset
+
+    # Padded rows carry position_ids when the forward takes them: left padding then gives the
+    # real tokens the positions (and hidden states) right padding gives them.
+    takes_positions = "position_ids" in inspect.signature(model.forward).parameters
+    return make_text_dataset(
+        args.data, context=args.context, pack=args.pack, padding=args.padding or "right",
+        tokenizer=args.tokenizer or tokenizer_dir(args.model), text_field=args.text_field or "text",
+        config=getattr(model, "config", None), position_ids=takes_positions, progress=args.progress)
+
+
+def _tokens(args: argparse.Namespace, dataset):
+    """fastcap.Tokens of --tokens, --skip-ids, --start (implied by the token-only reduce modes)."""
+    from fastcap import Tokens
+
+    wanted = args.tokens or args.skip_ids is not None or args.start is not None or args.reduce in TOKEN_ONLY
+    if not wanted:
+        return None
+    skip = []
+    for item in filter(None, (part.strip() for part in (args.skip_ids or "").split(","))):
+        try:
+            skip.append(int(item))
+        except ValueError:
+            skip.append(dataset.special_ids.resolve(item.lower()))
+    return Tokens(mask="attention_mask", ids="input_ids", skip_ids=skip, start=args.start or 0)
+
+
+def _print_estimate(estimated_bytes: int, free_bytes: int) -> None:
+    from tqdm.auto import tqdm
+
+    if int(os.environ.get("RANK", "0")) == 0:  # each rank estimates its own part; one line is enough
+        tqdm.write(f"fastcap extract: about {size_text(estimated_bytes)} to write (estimated from the "
+                   f"first batch), {size_text(free_bytes)} free", file=sys.stderr)  # above the bar
 
 
 def _device(name: str | None):
@@ -180,15 +313,25 @@ def _summary(store, stats: dict, device, total_seconds: float) -> str:
     import torch
 
     samples, seconds = stats["samples"], stats["seconds"]
-    rate = samples / seconds if seconds > 0 else 0.0
+    tokens, kept, estimate = stats["input_tokens"], stats["kept_tokens"], stats["estimated_bytes"]
+
+    def rate(count: int) -> float:
+        return count / seconds if seconds > 0 else 0.0
+
     lines = [
-        f"fastcap extract: {samples} items in {seconds:.1f} s ({rate:.1f} items/s, "
-        f"{total_seconds:.1f} s in all)"
+        f"fastcap extract: {samples} items"
+        + (f", {tokens} tokens" if tokens else "")
+        + f" in {seconds:.1f} s ({rate(samples):.1f} items/s"
+        + (f", {rate(tokens):.0f} tokens/s" if tokens else "")
+        + f", {total_seconds:.1f} s in all)"
         + (f", resumed after {stats['resumed_samples']}" if stats["resumed_samples"] else ""),
-        f"  wrote {_bytes(stats['bytes_written'])} in {stats['shards_written']} shard(s) on rank 0"
-        f" of {stats['world_size']}; forward waited {stats['stall_seconds']:.2f} s on the writer",
-        f"  peak host memory {_bytes(_peak_rss())}"
-        + (f", peak device memory {_bytes(torch.cuda.max_memory_allocated(device))}"
+        f"  wrote {size_text(stats['bytes_written'])}"
+        + (f" (estimated {size_text(estimate)})" if estimate is not None else "")
+        + f" in {stats['shards_written']} shard(s) on rank 0 of {stats['world_size']}"
+        + (f", {kept} token rows" if kept else "")
+        + f"; forward waited {stats['stall_seconds']:.2f} s on the writer",
+        f"  peak host memory {size_text(_peak_rss())}"
+        + (f", peak device memory {size_text(torch.cuda.max_memory_allocated(device))}"
            if device.type == "cuda" else ""),
         f"  {store!r}",
         f"  open it: import fastcap; store = fastcap.open({str(store.path)!r}); "
@@ -204,14 +347,6 @@ def _peak_rss() -> int:
         return 0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak if sys.platform == "darwin" else peak * 1024
-
-
-def _bytes(count: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if count < 1024 or unit == "GiB":
-            return f"{count:.1f} {unit}" if unit != "B" else f"{int(count)} B"
-        count /= 1024
-    return f"{count:.1f} TiB"
 
 
 def _version() -> str:

@@ -392,10 +392,19 @@ def _mismatch_message(root: Path, existing: dict, args: dict) -> str:
     differing = [key for key in args if existing.get(key) != args[key]]
     differing += [key for key in existing if key not in args]
     key = differing[0]
+    there, now = existing.get(key), args.get(key)
+    there_spec, now_spec = existing.get("data_spec"), args.get("data_spec")
+    if "data_spec" in differing and isinstance(there_spec, dict) and isinstance(now_spec, dict):
+        # The dataset's choice explains the rest (another --context changes num_samples too):
+        # name that setting first.
+        inner = [name for name in {**there_spec, **now_spec} if there_spec.get(name) != now_spec.get(name)]
+        differing = [f"data_spec.{name}" for name in inner] + [k for k in differing if k != "data_spec"]
+        key, there, now = differing[0], there_spec.get(inner[0]), now_spec.get(inner[0])
     others = f" (also: {', '.join(differing[1:])})" if len(differing) > 1 else ""
+    hint = _MISMATCH_HINTS.get(key.partition(".")[0], "")
     return (
         f"out={str(root)!r} holds an extraction made with different arguments: {key}="
-        f"{existing.get(key)!r} there, {args.get(key)!r} now{_MISMATCH_HINTS.get(key, '')}"
+        f"{there!r} there, {now!r} now{hint}"
         f"{others}; pass overwrite=True to replace it, or choose another out"
     )
 

@@ -5,11 +5,19 @@ Model specs (``--model``):
     ``resnet50`` or ``torchvision:resnet50``   a torchvision architecture, random init
     ``my_pkg.models:build``                    a factory: ``build()`` returns the nn.Module
     ``model.pt``                               a TorchScript archive or a ``torch.save``'d module
-``--weights`` loads a state dict into it; nothing is ever downloaded.
+    ``hf:path/to/model``                       a local Hugging Face model directory
+    ``hf-random:gpt2?n_layer=4&n_embd=256``    a Hugging Face architecture, random init, its
+                                               config's defaults changed by key=value pairs
+                                               (int, float, true/false, none, else a string)
+``--weights`` loads a state dict into it; nothing is ever downloaded. Hugging Face models are
+the causal-LM class of their config (``AutoModelForCausalLM``; ``AutoModel`` for configs that
+have none), with ``config.use_cache = False`` (extraction keeps no KV cache); ``--layers`` takes
+their module names (``transformer.h.2`` in GPT2LMHeadModel).
 
 Data specs (``--data``):
     ``fake:N``                                 N deterministic synthetic images (FakeImages)
     ``path/to/images``                         a torchvision ImageFolder (class sub-folders)
+Text corpora (``fake-text:N``, .jsonl, .txt, .npy of ids) are in :mod:`fastcap.text`.
 """
 
 from __future__ import annotations
@@ -24,7 +32,11 @@ import warnings
 import torch
 from torch.utils.data import Dataset
 
-__all__ = ["load_model", "make_dataset", "FakeImages", "default_image_size"]
+__all__ = ["load_model", "make_dataset", "FakeImages", "default_image_size", "tokenizer_dir", "MODEL_DTYPES"]
+
+#: --model-dtype of Hugging Face models.
+MODEL_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
 FAKE_IMAGE_SIZE = 64
 FOLDER_IMAGE_SIZE = 224
@@ -32,20 +44,112 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-def load_model(spec: str, weights: str | None = None, device: str | torch.device = "cpu") -> torch.nn.Module:
+def load_model(spec: str, weights: str | None = None, device: str | torch.device = "cpu",
+               dtype: str | None = None) -> torch.nn.Module:
     """Build the model named by ``spec``, load ``weights`` if given, move it to ``device``, eval().
 
-    Seed the RNG first (``torch.manual_seed``) for reproducible random weights.
+    Seed the RNG first (``torch.manual_seed``) for reproducible random weights. ``dtype``
+    (``"bf16"``, ``"fp16"``, ``"fp32"``) is for Hugging Face models only; by default hf:
+    loads the dtype it was saved in and hf-random builds float32.
 
     Example:
         >>> torch.manual_seed(0)
         >>> model = load_model("torchvision:resnet18", device="cpu")
         >>> model = load_model("my_pkg.models:build", weights="ckpt.pt", device="cuda")
+        >>> model = load_model("hf-random:gpt2?n_layer=4&n_embd=256&n_head=4", dtype="bf16")
     """
-    model = _build(spec)
+    if dtype is not None and dtype not in MODEL_DTYPES:
+        raise ValueError(f"--model-dtype must be one of {list(MODEL_DTYPES)}, got {dtype!r}")
+    if spec.startswith("hf:"):
+        model = _hf_model(spec, dtype)
+    elif spec.startswith("hf-random:"):
+        model = _hf_random_model(spec, dtype)
+    elif dtype is not None:
+        raise ValueError(f"--model-dtype {dtype} is for hf: and hf-random: models, not --model {spec!r}")
+    else:
+        model = _build(spec)
     if weights is not None:
         _load_weights(model, weights)
     return model.to(device).eval()
+
+
+def tokenizer_dir(spec: str) -> str | None:
+    """The tokenizer that comes with a model spec: an hf:PATH directory that holds one, else None.
+
+    Example:
+        >>> tokenizer_dir("hf:models/gpt2")
+        'models/gpt2'
+    """
+    if not spec.startswith("hf:"):
+        return None
+    path = spec[len("hf:"):]
+    return path if any(os.path.isfile(os.path.join(path, name)) for name in _TOKENIZER_FILES) else None
+
+
+def _hf_model(spec: str, dtype: str | None) -> torch.nn.Module:
+    import transformers
+
+    path = spec[len("hf:"):]
+    if not os.path.isdir(path):
+        raise ValueError(f"--model {spec!r}: {path!r} is not a directory; hf:PATH takes a local Hugging "
+                         "Face model directory (as written by save_pretrained), nothing is downloaded")
+    try:
+        config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
+        config.use_cache = False
+        return _hf_class(config).from_pretrained(
+            path, config=config, local_files_only=True,
+            dtype=MODEL_DTYPES[dtype] if dtype else "auto")  # "auto": as saved
+    except (OSError, ValueError, KeyError) as error:
+        raise ValueError(f"--model {spec!r}: cannot load a Hugging Face model: {error}") from error
+
+
+def _hf_random_model(spec: str, dtype: str | None) -> torch.nn.Module:
+    from transformers import CONFIG_MAPPING
+
+    name, _, query = spec[len("hf-random:"):].partition("?")
+    names = list(CONFIG_MAPPING.keys())
+    if name not in names:
+        close = difflib.get_close_matches(name, names, n=3)
+        raise ValueError(f"--model {spec!r}: transformers has no model type {name!r}"
+                         + (f"; did you mean {close}?" if close else ""))
+    defaults = CONFIG_MAPPING[name]()
+    kwargs = {}
+    for pair in filter(None, query.split("&")):
+        key, equals, value = pair.partition("=")
+        if not equals or not key:
+            raise ValueError(f"--model {spec!r}: {pair!r} is not key=value")
+        if not hasattr(defaults, key):  # configs accept any key silently: a typo would do nothing
+            keys = [*defaults.to_dict(), *getattr(defaults, "attribute_map", {})]
+            close = difflib.get_close_matches(key, keys, n=3)
+            raise ValueError(f"--model {spec!r}: {type(defaults).__name__} has no setting {key!r}"
+                             + (f"; did you mean {close}?" if close else ""))
+        kwargs[key] = _parse_value(value)
+    config = CONFIG_MAPPING[name](**kwargs)
+    config.use_cache = False
+    try:
+        return _hf_class(config).from_config(config, dtype=MODEL_DTYPES[dtype or "fp32"])
+    except (ValueError, TypeError, AttributeError) as error:  # e.g. n_embd not divisible by n_head
+        raise ValueError(f"--model {spec!r}: cannot build the model: {error}") from error
+
+
+def _hf_class(config):
+    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING, AutoModel, AutoModelForCausalLM
+
+    return AutoModelForCausalLM if type(config) in MODEL_FOR_CAUSAL_LM_MAPPING else AutoModel
+
+
+def _parse_value(text: str):
+    """``4`` -> int, ``0.1`` -> float, ``true``/``false`` -> bool, ``none`` -> None, else a str."""
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    if text.lower() == "none":
+        return None
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
 
 
 def _build(spec: str) -> torch.nn.Module:

@@ -190,7 +190,6 @@ def test_dataset_spec_is_recorded_and_checked_on_resume(tmp_path):
     fastcap.extract(model, DataLoader(SpecTexts(16), batch_size=4), "h.0", "tokens", out=tmp_path,
                     shard_size=4, tokens=fastcap.Tokens())
     assert fastcap.open(tmp_path).manifest["args"]["data_spec"] == {"corpus": "fake", "context": 16}
-    with pytest.raises(ValueError, match=r"data_spec=\{'corpus': 'fake', 'context': 16\} there, "
-                                         r"\{'corpus': 'fake', 'context': 8\} now"):
+    with pytest.raises(ValueError, match=r"data_spec\.context=16 there, 8 now \(how the corpus"):
         fastcap.extract(model, DataLoader(SpecTexts(8), batch_size=4), "h.0", "tokens", out=tmp_path,
                         shard_size=4, tokens=fastcap.Tokens())

@@ -1,0 +1,458 @@
+"""Text data for language models (``fastcap extract --data ... --context T``): a corpus read and
+tokenized up front into a map-style Dataset of fixed-length rows, ready for extract().
+
+Corpus specs (``--data``):
+    ``corpus.jsonl``        one document per line: the string in field ``text_field`` ("text")
+    ``corpus.txt``          one document per non-empty line
+    ``path/to/folder``      the .txt and .jsonl files directly in it, in sorted name order
+    ``ids.npy``             token ids: 1-D is one document, 2-D ``[N, L]`` is N documents
+    ``fake-text:N``         N deterministic random documents of 1..256 tokens (document i drawn
+                            from a generator seeded with i; ids in the model's vocabulary,
+                            none of its special ids)
+Text is tokenized with a Hugging Face tokenizer (``AutoTokenizer`` of a local directory);
+ids and fake-text need none.
+
+Rows of ``context`` T tokens, one per item (map-style, so the count is known for resume and
+torchrun):
+    :class:`PackedText` (``pack=True``): the documents, tokenized without special tokens, joined
+        into one stream with BOS between them, ``doc_1 BOS doc_2 BOS ... BOS doc_N``; the stream
+        is cut into pieces of T-1 tokens and row r is ``BOS + piece_r``; the incomplete tail is
+        dropped. Every row is T real tokens (a piece that begins at a document boundary gives a
+        row starting ``BOS BOS``). BOS is the tokenizer's bos_token_id, else the model
+        config's, else eos_token_id (as SAELens and sparsify do).
+    :class:`PaddedText` (``pack=False``): one document per row, tokenized with the tokenizer's
+        own special tokens (e.g. BERT's CLS/SEP), truncated to its first T tokens, padded on the
+        ``padding`` side with the pad id (tokenizer's, else config's, else 0);
+        ``attention_mask`` marks the real tokens and, with ``position_ids=True``,
+        ``position_ids`` = cumsum(mask) - 1 clamped at 0, so that left and right padding give
+        the real tokens the same positions (and hidden states).
+Items are dicts of int64 ``[T]`` tensors (``input_ids``, ``attention_mask``[, ``position_ids``])
+that the default collate stacks; ids are stored as one int32 array. ``dataset.extract_spec``
+says which choices made the rows; extract() records it and refuses a resume that differs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+from pathlib import Path
+from typing import NamedTuple, Optional
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+__all__ = ["make_text_dataset", "is_text_spec", "load_tokenizer", "special_ids", "SpecialIds",
+           "PackedText", "PaddedText", "FAKE_TEXT_MAX_TOKENS"]
+
+FAKE_TEXT_MAX_TOKENS = 256
+TEXT_SUFFIXES = (".txt", ".jsonl")
+_TOKENIZE_CHUNK = 1024  # documents per tokenizer call: batched (fast) without holding the corpus
+
+
+def is_text_spec(spec: str) -> bool:
+    """Whether ``--data spec`` names text (fake-text:N, .jsonl/.txt/.npy, a folder of .txt/.jsonl
+    files) rather than images.
+
+    Example:
+        >>> is_text_spec("fake-text:256"), is_text_spec("fake:256")
+        (True, False)
+    """
+    if spec.startswith("fake-text:") or spec.lower().endswith((*TEXT_SUFFIXES, ".npy")):
+        return True
+    return os.path.isdir(spec) and bool(_text_files(Path(spec)))
+
+
+def load_tokenizer(path: str):
+    """``transformers.AutoTokenizer`` of a local directory; a clear ValueError otherwise.
+
+    Example:
+        >>> tokenizer = load_tokenizer("models/gpt2")
+    """
+    if not os.path.isdir(path):
+        raise ValueError(f"--tokenizer {path!r} is not a directory: pass a local tokenizer directory "
+                         "(as written by save_pretrained); nothing is downloaded")
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError) as error:
+        raise ValueError(f"--tokenizer {path!r}: cannot load a tokenizer: {error}") from error
+
+
+class SpecialIds(NamedTuple):
+    """The special token ids of a tokenizer and model config (None where neither has one)."""
+
+    bos: Optional[int]
+    eos: Optional[int]
+    pad: Optional[int]
+
+    @property
+    def row_bos(self) -> Optional[int]:
+        """The BOS that starts packed rows: bos, else eos (GPT-2 style models share one id)."""
+        return self.bos if self.bos is not None else self.eos
+
+    def resolve(self, name: str) -> int:
+        """The id of ``bos`` (as packing uses it), ``eos`` or ``pad``; ValueError naming it.
+
+        Example:
+            >>> SpecialIds(bos=None, eos=2, pad=0).resolve("bos")
+            2
+        """
+        ids = {"bos": self.row_bos, "eos": self.eos, "pad": self.pad}
+        if name not in ids:
+            raise ValueError(f"--skip-ids: unknown token name {name!r}; use ints or {', '.join(ids)}")
+        if ids[name] is None:
+            raise ValueError(f"--skip-ids {name}: neither the tokenizer nor the model config has a "
+                             f"{name}_token_id; pass the id as an int")
+        return ids[name]
+
+
+def special_ids(tokenizer=None, config=None) -> SpecialIds:
+    """Each special id from the tokenizer, else from the model config (its text config for
+    multi-modal models).
+
+    Example:
+        >>> special_ids(config=transformers.GPT2Config())
+        SpecialIds(bos=50256, eos=50256, pad=None)
+    """
+    found = {}
+    for name in SpecialIds._fields:
+        value = getattr(tokenizer, f"{name}_token_id", None) if tokenizer is not None else None
+        if value is None:
+            value = _config_value(config, f"{name}_token_id")
+        if isinstance(value, (list, tuple)):  # e.g. Llama 3's several eos ids: the first
+            value = value[0] if value else None
+        found[name] = None if value is None else int(value)
+    return SpecialIds(**found)
+
+
+def make_text_dataset(spec: str, *, context: int, pack: bool = False, padding: str = "right",
+                      tokenizer=None, text_field: str = "text", config=None, position_ids: bool = False,
+                      progress: bool | None = None) -> "PackedText | PaddedText":
+    """The rows of ``context`` tokens the corpus ``spec`` makes (see the module docstring).
+
+    Args:
+        spec: a .jsonl / .txt file, a folder of them, a .npy of ids, or ``fake-text:N``.
+        context: T, the tokens per row.
+        pack: pack documents into full rows (:class:`PackedText`); else one padded document per
+            row (:class:`PaddedText`) on the ``padding`` side ("right" or "left").
+        tokenizer: a tokenizer directory (or a loaded tokenizer); needed for text, optional for
+            ids (then it only supplies the special ids).
+        text_field: the field of a .jsonl record that holds the text.
+        config: the model's config (``model.config``): special ids, and the vocabulary size
+            (fake-text's ids; every corpus's ids are checked against it).
+        position_ids: add ``position_ids`` to padded rows (when the model's forward takes them).
+        progress: a tqdm bar while tokenizing; default: only on a terminal, on rank 0.
+
+    Example:
+        >>> data = make_text_dataset("fake-text:256", context=128, pack=True, config=model.config)
+        >>> data[0]["input_ids"].shape, data.extract_spec["pack"]
+        (torch.Size([128]), True)
+        >>> data = make_text_dataset("corpus.jsonl", context=64, padding="left",
+        ...                          tokenizer="models/gpt2", position_ids=True)
+    """
+    _check_choices(context, pack, padding)
+    positions = _config_value(config, "max_position_embeddings")
+    if isinstance(positions, int) and context > positions:
+        raise ValueError(f"--context {context} is longer than the model's {positions} positions "
+                         "(config.max_position_embeddings)")
+    if isinstance(tokenizer, (str, os.PathLike)):
+        tokenizer = load_tokenizer(str(tokenizer))
+    special = special_ids(tokenizer, config)
+    bos = special.row_bos
+    if pack and bos is None:
+        raise ValueError(
+            "--pack needs a BOS id to start each row and separate documents, but neither the tokenizer "
+            "nor the model config has a bos_token_id or eos_token_id; pass a --tokenizer that has one, "
+            "or use padding (--padding right)")
+    vocab = _config_value(config, "vocab_size")
+    corpus = _read_corpus(spec, tokenizer, text_field, add_special_tokens=not pack,
+                          max_tokens=None if pack else context, vocab=vocab, special=special,
+                          show=_show_progress(progress))
+    pad = None if pack else (special.pad if special.pad is not None else 0)
+    # The choices first, then what they made: a resume that differs is told the choice first.
+    spec = {"corpus": corpus.source["corpus"], "path": corpus.source["path"],
+            "text_field": corpus.source["text_field"], "tokenizer": _tokenizer_path(tokenizer),
+            "context": context, "pack": pack, "padding": None if pack else padding,
+            "bos_id": bos if pack else None, "pad_id": pad, "position_ids": bool(position_ids and not pack),
+            **corpus.facts}
+    if pack:
+        return PackedText(corpus, context, bos, special, spec)
+    return PaddedText(corpus, context, padding, pad, position_ids, special, spec)
+
+
+class PackedText(Dataset):
+    """Documents packed into rows of exactly ``context`` tokens, each starting with BOS (see the
+    module docstring for the exact definition). Made by :func:`make_text_dataset`.
+
+    Example:
+        >>> data = make_text_dataset("fake-text:64", context=32, pack=True, config=model.config)
+        >>> int(data[3]["input_ids"][0]) == data.bos_id, bool(data[3]["attention_mask"].all())
+        (True, True)
+    """
+
+    def __init__(self, corpus: "_Corpus", context: int, bos: int, special: SpecialIds, spec: dict):
+        # doc_1 BOS doc_2 BOS ... BOS doc_N: a BOS before the start of every document but the first
+        self._stream = np.insert(corpus.ids, corpus.offsets[1:-1], np.int32(bos))
+        self.context, self.bos_id, self.special_ids = context, bos, special
+        self._rows = len(self._stream) // (context - 1)
+        if self._rows == 0:
+            raise ValueError(
+                f"--data {spec['path'] or spec['corpus']!r}: its {corpus.documents} document(s) hold "
+                f"{len(self._stream)} tokens with the separators, fewer than the {context - 1} one "
+                f"packed row of --context {context} needs; lower --context or add documents")
+        self._spec = {**spec, "rows": self._rows}
+
+    @property
+    def extract_spec(self) -> dict:
+        """The choices that determine the rows (JSON-able), recorded by extract()."""
+        return dict(self._spec)
+
+    def __len__(self) -> int:
+        return self._rows
+
+    def __getitem__(self, index: int) -> dict:
+        if not 0 <= index < self._rows:
+            raise IndexError(f"row {index} out of range for {self._rows} packed rows")
+        step = self.context - 1
+        ids = np.empty(self.context, dtype=np.int64)
+        ids[0] = self.bos_id
+        ids[1:] = self._stream[index * step:(index + 1) * step]
+        return {"input_ids": torch.from_numpy(ids),
+                "attention_mask": torch.ones(self.context, dtype=torch.int64)}
+
+
+class PaddedText(Dataset):
+    """One document per row: truncated to ``context``, padded on the ``padding`` side, with its
+    ``attention_mask`` (and ``position_ids``). Made by :func:`make_text_dataset`.
+
+    Example:
+        >>> data = make_text_dataset("corpus.txt", context=16, padding="left", tokenizer="tok/",
+        ...                          position_ids=True)
+        >>> sorted(data[0])
+        ['attention_mask', 'input_ids', 'position_ids']
+    """
+
+    def __init__(self, corpus: "_Corpus", context: int, padding: str, pad: int, position_ids: bool,
+                 special: SpecialIds, spec: dict):
+        self._corpus = corpus
+        self.context, self.padding, self.pad_id, self.special_ids = context, padding, pad, special
+        self.position_ids = position_ids
+        self._spec = {**spec, "rows": corpus.documents}
+
+    @property
+    def extract_spec(self) -> dict:
+        """The choices that determine the rows (JSON-able), recorded by extract()."""
+        return dict(self._spec)
+
+    def __len__(self) -> int:
+        return self._corpus.documents
+
+    def __getitem__(self, index: int) -> dict:
+        if not 0 <= index < len(self):
+            raise IndexError(f"row {index} out of range for {len(self)} documents")
+        doc = self._corpus.document(index)  # already truncated to context
+        ids = np.full(self.context, self.pad_id, dtype=np.int64)
+        mask = np.zeros(self.context, dtype=np.int64)
+        where = slice(0, len(doc)) if self.padding == "right" else slice(self.context - len(doc), self.context)
+        ids[where], mask[where] = doc, 1
+        item = {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(mask)}
+        if self.position_ids:
+            item["position_ids"] = (item["attention_mask"].cumsum(0) - 1).clamp_(min=0)
+        return item
+
+
+# --------------------------------------------------------------------------------------------
+# Reading a corpus into one int32 array of ids plus document offsets
+# --------------------------------------------------------------------------------------------
+
+
+class _Corpus:
+    """Documents as one int32 array and offsets (document i is ``ids[offsets[i]:offsets[i+1]]``)."""
+
+    def __init__(self, pieces: list, source: dict):
+        lengths = np.fromiter((len(p) for p in pieces), dtype=np.int64, count=len(pieces))
+        self.offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+        self.ids = np.concatenate(pieces).astype(np.int32) if pieces else np.zeros(0, dtype=np.int32)
+        digest = hashlib.sha256(self.ids.tobytes())
+        digest.update(self.offsets.tobytes())
+        self.source = source  # corpus, path, text_field, vocab_size
+        self.facts = {"vocab_size": source["vocab_size"], "documents": len(pieces),
+                      "tokens": int(len(self.ids)), "ids_digest": digest.hexdigest()[:16]}
+
+    @property
+    def documents(self) -> int:
+        return len(self.offsets) - 1
+
+    def document(self, i: int) -> np.ndarray:
+        return self.ids[self.offsets[i]:self.offsets[i + 1]]
+
+
+def _read_corpus(spec: str, tokenizer, text_field: str, add_special_tokens: bool, max_tokens: int | None,
+                 vocab: int | None, special: SpecialIds, show: bool) -> _Corpus:
+    record = {"corpus": None, "path": None, "text_field": None, "vocab_size": vocab}
+    if spec.startswith("fake-text:"):
+        count = spec.split(":", 1)[1]
+        if not count.isdigit() or int(count) < 1:
+            raise ValueError(f"--data {spec!r}: expected fake-text:N with N a positive integer")
+        if vocab is None:
+            vocab = len(tokenizer) if tokenizer is not None else None
+        if vocab is None:
+            raise ValueError(f"--data {spec!r} draws ids from the model's vocabulary, but the model has "
+                             "no config.vocab_size and there is no --tokenizer to tell it")
+        record.update(corpus="fake-text", vocab_size=vocab)
+        pieces = _fake_documents(int(count), vocab, special)
+    elif spec.lower().endswith(".npy"):
+        record.update(corpus="npy", path=os.path.abspath(spec))
+        pieces = _npy_documents(spec)
+    else:
+        path = Path(spec)
+        if path.is_dir():
+            files = _text_files(path)
+            if not files:
+                raise ValueError(f"--data {spec!r}: the folder holds no .txt or .jsonl file")
+            kind = "folder"
+        elif path.is_file():
+            files, kind = [path], path.suffix.lower().lstrip(".")
+        else:
+            raise ValueError(f"--data {spec!r} does not exist")
+        if tokenizer is None:
+            raise ValueError(f"--data {spec!r} is text: pass --tokenizer DIR (a local tokenizer directory) "
+                             "to tokenize it, or use an hf:DIR model whose directory holds one")
+        record.update(corpus=kind, path=os.path.abspath(spec),
+                      text_field=text_field if any(f.suffix.lower() == ".jsonl" for f in files) else None)
+        pieces = _tokenized_documents(files, tokenizer, text_field, add_special_tokens, show)
+    if max_tokens is not None:
+        pieces = [piece[:max_tokens] for piece in pieces]
+    corpus = _Corpus(pieces, record)
+    _check_ids(spec, corpus.ids, vocab)
+    return corpus
+
+
+def _fake_documents(count: int, vocab: int, special: SpecialIds) -> list:
+    allowed = np.setdiff1d(np.arange(vocab, dtype=np.int64), [i for i in special if i is not None])
+    pieces = []
+    for index in range(count):
+        generator = np.random.default_rng(index)
+        length = int(generator.integers(1, FAKE_TEXT_MAX_TOKENS + 1))
+        pieces.append(allowed[generator.integers(0, len(allowed), length)].astype(np.int32))
+    return pieces
+
+
+def _npy_documents(spec: str) -> list:
+    try:
+        array = np.load(spec, mmap_mode="r")
+    except (OSError, ValueError) as error:
+        raise ValueError(f"--data {spec!r}: cannot read a .npy array: {error}") from error
+    if not np.issubdtype(array.dtype, np.integer):
+        raise ValueError(f"--data {spec!r} holds {array.dtype} values; token ids must be integers")
+    if array.ndim == 1:
+        return [np.asarray(array)]
+    if array.ndim == 2:
+        return list(np.asarray(array))
+    raise ValueError(f"--data {spec!r} has shape {array.shape}; expected 1-D (one document) or "
+                     "2-D [N, L] (N documents)")
+
+
+def _text_files(folder: Path) -> list:
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES)
+
+
+def _documents_of(path: Path, text_field: str):
+    """The documents of one file: non-empty lines of a .txt, the text_field of each .jsonl line."""
+    jsonl = path.suffix.lower() == ".jsonl"
+    with open(path, encoding="utf-8") as file:
+        for number, line in enumerate(file, 1):
+            if not line.strip():
+                continue
+            if not jsonl:
+                yield line.rstrip("\r\n")
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"--data {str(path)!r} line {number}: not JSON: {error}") from error
+            text = record.get(text_field) if isinstance(record, dict) else None
+            if not isinstance(text, str):
+                fields = sorted(record) if isinstance(record, dict) else type(record).__name__
+                raise ValueError(f"--data {str(path)!r} line {number}: no string field "
+                                 f"--text-field {text_field!r} (it has {fields})")
+            yield text
+
+
+def _tokenized_documents(files: list, tokenizer, text_field: str, add_special_tokens: bool,
+                         show: bool) -> list:
+    from tqdm.auto import tqdm
+
+    pieces = []
+    with tqdm(desc="tokenize", unit="doc", disable=not show, file=sys.stderr, dynamic_ncols=True) as bar:
+        for path in files:
+            chunk = []
+            for text in _documents_of(path, text_field):
+                chunk.append(text)
+                if len(chunk) == _TOKENIZE_CHUNK:
+                    pieces += _tokenize(tokenizer, chunk, add_special_tokens)
+                    bar.update(len(chunk))
+                    chunk = []
+            if chunk:
+                pieces += _tokenize(tokenizer, chunk, add_special_tokens)
+                bar.update(len(chunk))
+    return pieces
+
+
+def _tokenize(tokenizer, texts: list, add_special_tokens: bool) -> list:
+    # verbose=False: documents longer than the model's max length are expected (packing, truncation)
+    encoded = tokenizer(texts, add_special_tokens=add_special_tokens, return_attention_mask=False,
+                        verbose=False)["input_ids"]
+    return [np.asarray(ids, dtype=np.int32) for ids in encoded]
+
+
+def _check_ids(spec: str, ids: np.ndarray, vocab: int | None) -> None:
+    if not len(ids):
+        return
+    low, high = int(ids.min()), int(ids.max())
+    if low < 0:
+        raise ValueError(f"--data {spec!r} holds the token id {low}; ids must be >= 0")
+    if vocab is not None and high >= vocab:
+        raise ValueError(f"--data {spec!r} holds the token id {high}, but the model's vocabulary has "
+                         f"{vocab} ids: is this the model's tokenizer?")
+    if high > np.iinfo(np.int32).max:
+        raise ValueError(f"--data {spec!r} holds the token id {high}, beyond int32")
+
+
+# --------------------------------------------------------------------------------------------
+# Small helpers
+# --------------------------------------------------------------------------------------------
+
+
+def _check_choices(context, pack: bool, padding: str) -> None:
+    smallest = 2 if pack else 1  # a packed row is BOS plus at least one token
+    if isinstance(context, bool) or not isinstance(context, int) or context < smallest:
+        raise ValueError(f"--context must be an int >= {smallest}"
+                         f"{' with --pack' if pack else ''}, got {context!r}")
+    if padding not in ("right", "left"):
+        raise ValueError(f"--padding must be 'right' or 'left', got {padding!r}")
+
+
+def _config_value(config, name: str):
+    if config is None:
+        return None
+    value = getattr(config, name, None)
+    if value is None and hasattr(config, "get_text_config"):  # multi-modal: the text model's
+        value = getattr(config.get_text_config(), name, None)
+    return value
+
+
+def _tokenizer_path(tokenizer) -> str | None:
+    if tokenizer is None:
+        return None
+    path = getattr(tokenizer, "name_or_path", None)
+    return os.path.abspath(path) if path and os.path.isdir(path) else path
+
+
+def _show_progress(progress: bool | None) -> bool:
+    rank0 = int(os.environ.get("RANK", "0")) == 0
+    return rank0 and (sys.stderr.isatty() if progress is None else bool(progress))
