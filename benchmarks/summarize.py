@@ -267,7 +267,7 @@ def markdown(data) -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
-def plot(data, path: str) -> str:
+def plot(data, path: str) -> str | None:
     """Headline ratios per reduce and method, and memory growth per method, side by side."""
     import matplotlib
 
@@ -277,6 +277,8 @@ def plot(data, path: str) -> str:
     headline = _cases(data, "headline")
     growth = _cases(data, "memory_growth")
     devices = sorted({c["device"] for c in headline + growth})
+    if not devices:  # a run of the language-model benchmarks alone: tables only
+        return None
     fig, axes = plt.subplots(len(devices), 2, figsize=(13, 4.6 * len(devices)), squeeze=False)
     for row, device in zip(axes, devices):
         ax = row[0]
@@ -344,11 +346,11 @@ def main(argv=None) -> int:
     text = markdown(data)
     with open(stem + ".md", "w") as f:
         f.write(text)
-    plot(data, stem + ".png")
+    png = plot(data, stem + ".png")
     if not args.no_readme:
         shutil.copyfile(stem + ".md", args.readme)
     sys.stdout.write(text)
-    print(f"\nwrote {stem}.md, {stem}.png" + ("" if args.no_readme else f" and {args.readme}"))
+    print(f"\nwrote {stem}.md" + (f", {png}" if png else "") + ("" if args.no_readme else f" and {args.readme}"))
     return 0
 
 

@@ -179,7 +179,7 @@ class Store(Mapping):
     def __repr__(self) -> str:
         state = "complete" if self.complete else "INCOMPLETE"
         return (f"Store({str(self.path)!r}, {len(self.indices)} samples, {state}, "
-                f"keys={list(self._keys)})")
+                f"keys={list(self)})")
 
     def _shard_path(self, shard: int, key: str) -> Path:
         return self.path / self._shards[shard]["path"] / self._keys[key]["file"]
