@@ -192,7 +192,7 @@ def _run_extract(args: argparse.Namespace) -> int:
     import torch
     from torch.utils.data import DataLoader
 
-    from fastcap.extract import extract_with_stats
+    from fastcap.extract import extract_with_stats, print_estimate
     from fastcap.models import load_model
 
     started = time.perf_counter()
@@ -211,7 +211,7 @@ def _run_extract(args: argparse.Namespace) -> int:
             select=None, shard_size=args.shard_size, overwrite=args.overwrite,
             progress=args.progress, forward=None, depth=4,
             tokens=_tokens(args, dataset) if text else None,
-            stop_early=args.stop_early, check_space=args.check_space, on_estimate=_print_estimate,
+            stop_early=args.stop_early, check_space=args.check_space, on_estimate=print_estimate,
         )
     except (ValueError, TypeError, OSError) as error:
         print(f"fastcap extract: error: {error}", file=sys.stderr)
@@ -281,14 +281,6 @@ def _tokens(args: argparse.Namespace, dataset):
         except ValueError:
             skip.append(dataset.special_ids.resolve(item.lower()))
     return Tokens(mask="attention_mask", ids="input_ids", skip_ids=skip, start=args.start or 0)
-
-
-def _print_estimate(estimated_bytes: int, free_bytes: int) -> None:
-    from tqdm.auto import tqdm
-
-    if int(os.environ.get("RANK", "0")) == 0:  # each rank estimates its own part; one line is enough
-        tqdm.write(f"fastcap extract: about {size_text(estimated_bytes)} to write (estimated from the "
-                   f"first batch), {size_text(free_bytes)} free", file=sys.stderr)  # above the bar
 
 
 def _device(name: str | None):

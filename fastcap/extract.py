@@ -166,7 +166,7 @@ def extract_with_stats(model, data, layers, reduce, *, out, k, channel_dim, dtyp
         rank_dir = RankDir.open(root, group.rank, args, source.num_samples)
         show_progress = _show_progress(progress, group.rank)
         if on_estimate is None and show_progress:
-            on_estimate = _print_estimate
+            on_estimate = print_estimate
         writer = ShardWriter(rank_dir, shard_size, source.rank_samples, check_space, on_estimate)
         stats = _run_rank(model, cap, device, source, rank_dir, writer, show_progress,
                           forward or _default_forward)
@@ -272,11 +272,13 @@ def _input_tokens(batch):
     return ids.numel() if isinstance(ids, torch.Tensor) else 0
 
 
-def _print_estimate(estimated: int, free: int) -> None:
+def print_estimate(estimated: int, free: int) -> None:
+    """The size estimate, above the progress bar, on rank 0 only (each rank estimates its part)."""
     from tqdm.auto import tqdm
 
-    tqdm.write(f"extract: about {_size(estimated)} to write (estimated from the first batch), "
-               f"{_size(free)} free", file=sys.stderr)
+    if int(os.environ.get("RANK", "0")) == 0:
+        tqdm.write(f"fastcap extract: about {_size(estimated)} to write (estimated from the first batch), "
+                   f"{_size(free)} free", file=sys.stderr)
 
 
 def _default_forward(model, batch):
