@@ -274,6 +274,25 @@ def test_summary_reports_tokens_and_the_estimate(tmp_path, capsys):
     assert store["transformer.h.1"].shape == (len(store.indices), 32)  # a masked mean per row
 
 
+def test_stop_early_and_check_space_flags(tmp_path, capsys, monkeypatch):
+    from test_extract import _files
+
+    from fastcap.store import _writer
+
+    args = ["--model", MODEL, "--data", "fake-text:12", "--context", "16", "--pack", "--layers",
+            "transformer.h.0", "--reduce", "tokens"]
+    assert cli(*args, "--out", str(tmp_path / "early")) == 0
+    assert cli(*args, "--no-stop-early", "--out", str(tmp_path / "full")) == 0
+    assert _files(tmp_path / "early") == _files(tmp_path / "full")  # early exit changes no byte
+    monkeypatch.setattr(_writer, "free_bytes", lambda path: 100)
+    capsys.readouterr()
+    assert cli(*args, "--out", str(tmp_path / "small")) == 1
+    assert re.search(r"has 100 B free, but rank 0 is about to write about [\d.]+ KiB .*--no-check-space",
+                     capsys.readouterr().err)
+    assert cli(*args, "--no-check-space", "--out", str(tmp_path / "small")) == 0
+    assert _files(tmp_path / "small") == _files(tmp_path / "early")
+
+
 def _image_flags(tmp_path):
     return ["--model", "resnet18", "--data", "fake:8", "--layers", "layer4", "--out", str(tmp_path)]
 
