@@ -65,14 +65,15 @@ demo: $(VENV)/.built
 DEMO_LM := --model 'hf-random:gpt2?n_layer=4&n_embd=256&n_head=4' --data fake-text:128 --context 128 \
   --pack --tokens --skip-ids bos --batch-size 16 --overwrite --progress
 demo-lm: $(VENV)/.built
-	$(PY) -m fastcap extract $(DEMO_LM) --layers transformer.h.1,transformer.h.3 --reduce tokens --out acts-lm/tokens/
-	$(PY) -m fastcap extract $(DEMO_LM) --layers transformer.h.3 --reduce mean --out acts-lm/mean/
+	$(PY) -m fastcap extract $(DEMO_LM) --layers transformer.h.1,transformer.h.3,pooled=transformer.h.3 \
+	  --reduce tokens,pooled=mean --out acts-lm/
 	@echo
 	@echo "activations written to acts-lm/; open them with:"
-	@echo "  import fastcap; store = fastcap.open('acts-lm/tokens/')"
+	@echo "  import fastcap; store = fastcap.open('acts-lm/')"
 	@echo "  rows = store['transformer.h.3'][:]      # [n_tokens, 256], one row per kept token"
 	@echo "  store.tokens.sample, store.tokens.position, store.tokens.token_id   # where each row came from"
-	@echo "  pooled = fastcap.open('acts-lm/mean/')['transformer.h.3'][:]   # [rows, 256], masked mean"
+	@echo "  pooled = store['pooled'][:]             # [rows, 256], masked mean of transformer.h.3"
+	@echo "  store.stats['transformer.h.3'].mean     # running statistics, for normalising"
 
 BENCH_DATE := $(shell date -u +%Y%m%d)
 bench: $(VENV)/.built

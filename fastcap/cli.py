@@ -14,6 +14,7 @@ from fastcap.store._writer import size_text
 
 #: reduce modes that exist only over tokens: they imply --tokens.
 TOKEN_ONLY = ("tokens", "max", "first", "last")
+REDUCE_MODES = ("full", "mean", "topk", *TOKEN_ONLY)
 #: flags for text data only (their defaults are None/False so that "given" can be told).
 _TEXT_FLAGS = ("tokenizer", "text_field", "context", "pack", "padding", "tokens", "skip_ids", "start")
 
@@ -37,10 +38,12 @@ examples:
   store = fastcap.open("feats/")
   x = store["layer4"][:]          # numpy [N, 2048], memory-mapped; torch.from_numpy(x)
 
-  # language model: the residual stream of two GPT-2 blocks at every token but BOS, over
-  # 256 random documents packed into rows of 128 tokens (random weights, nothing downloaded)
+  # language model: the residual stream of two GPT-2 blocks at every token but BOS, and the
+  # masked mean of the second under the key "pooled", over 256 random documents packed into
+  # rows of 128 tokens (random weights, nothing downloaded)
   fastcap extract --model 'hf-random:gpt2?n_layer=4' --data fake-text:256 --context 128 --pack \
-      --layers transformer.h.1,transformer.h.3 --reduce tokens --skip-ids bos --out acts/
+      --layers transformer.h.1,transformer.h.3,pooled=transformer.h.3 --reduce tokens,pooled=mean \
+      --skip-ids bos --out acts/
 
   # a local model and its tokenizer over a JSON-lines corpus, one left-padded document per row,
   # masked mean of the last block (store.tokens says where each token row came from)
@@ -157,11 +160,13 @@ def _add_extract_arguments(parser: argparse.ArgumentParser) -> None:
     capture = parser.add_argument_group("what to capture")
     capture.add_argument("--layers", action="append", required=True, metavar="NAMES",
                          help="module names, comma separated or repeated; globs allowed "
-                              "('layer*.1', '**.mlp')")
-    capture.add_argument("--reduce", default="full", choices=["full", "mean", "topk", *TOKEN_ONLY],
-                         help="full copy, per-channel mean, top-k channels; for text also tokens "
-                              "(one row per kept token), max, first, last (per row, over the kept "
-                              "tokens) (default: %(default)s)")
+                              "('layer*.1', '**.mlp'); KEY=NAME stores a module under the key KEY "
+                              "(one module may be captured under two keys, with two --reduce modes)")
+    capture.add_argument("--reduce", default=("full", {}), type=_reduce_spec, metavar="MODE[,KEY=MODE...]",
+                         help=f"one of {', '.join(REDUCE_MODES)}: full copy, per-channel mean, top-k "
+                              "channels; for text also tokens (one row per kept token), max, first, "
+                              "last (per row, over the kept tokens); then KEY=MODE for the keys that "
+                              "differ, e.g. 'tokens,pooled=mean' (default: full)")
     capture.add_argument("--k", type=int, help="channels kept by --reduce topk")
     capture.add_argument("--channel-dim", type=int,
                          help="channel dimension (default: 1 for NCHW images, -1 for text [N, T, C])")
@@ -202,11 +207,12 @@ def _run_extract(args: argparse.Namespace) -> int:
         torch.manual_seed(args.seed)
         model = load_model(args.model, args.weights, device, args.model_dtype)
         dataset = _text_dataset(args, model) if text else _image_dataset(args)
+        layers = _layer_spec(args.layers)
         loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=False,
                             num_workers=args.num_workers, pin_memory=device.type == "cuda")
         channel_dim = args.channel_dim if args.channel_dim is not None else (-1 if text else 1)
         store, stats = extract_with_stats(
-            model, loader, _layer_list(args.layers), args.reduce, out=args.out, k=args.k,
+            model, loader, layers, _reduce(args.reduce, model, layers), out=args.out, k=args.k,
             channel_dim=channel_dim, dtype=getattr(torch, args.dtype) if args.dtype else None,
             select=None, shard_size=args.shard_size, overwrite=args.overwrite,
             progress=args.progress, forward=None, depth=4,
@@ -237,8 +243,7 @@ def _check_data_flags(args: argparse.Namespace) -> bool:
             raise ValueError(f"--start must be >= 0, got {args.start}")
         return True
     given = [name for name in _TEXT_FLAGS if getattr(args, name) not in (None, False)]
-    if args.reduce in TOKEN_ONLY:
-        given.append(f"reduce {args.reduce}")
+    given += [f"reduce {mode}" for mode in _modes(args) if mode in TOKEN_ONLY]
     if given:
         flags = ", ".join("--" + name.replace("_", "-") for name in given)
         raise ValueError(f"{flags}: for text data, but --data {args.data!r} is images (text is "
@@ -271,7 +276,8 @@ def _tokens(args: argparse.Namespace, dataset):
     """fastcap.Tokens of --tokens, --skip-ids, --start (implied by the token-only reduce modes)."""
     from fastcap import Tokens
 
-    wanted = args.tokens or args.skip_ids is not None or args.start is not None or args.reduce in TOKEN_ONLY
+    wanted = (args.tokens or args.skip_ids is not None or args.start is not None
+              or any(mode in TOKEN_ONLY for mode in _modes(args)))
     if not wanted:
         return None
     skip = []
@@ -294,11 +300,63 @@ def _device(name: str | None):
     return device
 
 
-def _layer_list(values: list[str]) -> list[str]:
-    layers = [name.strip() for value in values for name in value.split(",") if name.strip()]
-    if not layers:
+def _layer_spec(values: list[str]):
+    """--layers as capture() takes it: a list of names (globs allowed), or, when some entry is
+    KEY=NAME, ``{key: name}`` (a plain NAME is its own key)."""
+    entries = [entry.strip() for value in values for entry in value.split(",") if entry.strip()]
+    if not entries:
         raise ValueError(f"--layers names no layer: {values!r}")
+    if not any("=" in entry for entry in entries):
+        return entries
+    layers = {}
+    for entry in entries:
+        key, _, name = entry.rpartition("=")
+        key, name = (key.strip() or name.strip()), name.strip()
+        if not name or key in layers:
+            raise ValueError(f"--layers {entry!r}: " + ("KEY=NAME needs a module name" if not name
+                                                       else f"the key {key!r} is given twice"))
+        if any(c in name for c in "*?[") and "=" not in entry:
+            raise ValueError(f"--layers {entry!r}: a glob cannot be mixed with KEY=NAME entries; name "
+                             "each module (KEY=NAME or NAME)")
+        layers[key] = name
     return layers
+
+
+def _reduce_spec(text: str) -> tuple[str, dict]:
+    """--reduce MODE[,KEY=MODE...] -> (the default mode, {key: mode} where it differs)."""
+    default, overrides = None, {}
+    for entry in filter(None, (part.strip() for part in text.split(","))):
+        key, _, mode = entry.rpartition("=")
+        if mode not in REDUCE_MODES:
+            raise argparse.ArgumentTypeError(f"{entry!r}: the mode must be one of {', '.join(REDUCE_MODES)}")
+        if key:
+            overrides[key.strip()] = mode
+        elif default is None:
+            default = mode
+        else:
+            raise argparse.ArgumentTypeError(f"{text!r} names two default modes ({default}, {mode}); "
+                                             "give the others as KEY=MODE")
+    return default or "full", overrides
+
+
+def _modes(args: argparse.Namespace) -> set:
+    default, overrides = args.reduce
+    return {default, *overrides.values()}
+
+
+def _reduce(spec: tuple[str, dict], model, layers):
+    """The reduce= of extract(): the mode, or {key: mode} over every captured key."""
+    from fastcap._layers import resolve_layers
+
+    default, overrides = spec
+    if not overrides:
+        return default
+    keys = resolve_layers(model, layers)
+    unknown = [key for key in overrides if key not in keys]
+    if unknown:
+        raise ValueError(f"--reduce {unknown[0]}=...: {unknown[0]!r} is not a captured key; the keys: "
+                         f"{list(keys)}")
+    return {key: overrides.get(key, default) for key in keys}
 
 
 def _summary(store, stats: dict, device, total_seconds: float) -> str:

@@ -293,6 +293,28 @@ def test_stop_early_and_check_space_flags(tmp_path, capsys, monkeypatch):
     assert _files(tmp_path / "small") == _files(tmp_path / "early")
 
 
+def test_keys_and_per_key_reduce_modes_in_one_run(tmp_path, capsys):
+    model = random_model()
+    args = ["--model", MODEL, "--data", "fake-text:12", "--context", "16", "--pack", "--skip-ids", "bos"]
+    assert cli(*args, "--layers", "transformer.h.0,pooled=transformer.h.1,transformer.h.1",
+               "--reduce", "tokens,pooled=mean", "--out", str(tmp_path / "both")) == 0
+    store = fastcap.open(tmp_path / "both")
+    assert list(store) == ["transformer.h.0", "pooled", "transformer.h.1"]
+    dataset = make_text_dataset("fake-text:12", context=16, pack=True, config=model.config)
+    tokens = fastcap.Tokens(skip_ids=[BOS])
+    result, index = captured(model, DataLoader(dataset, batch_size=4),
+                             {"transformer.h.0": "transformer.h.0", "pooled": "transformer.h.1",
+                              "transformer.h.1": "transformer.h.1"},
+                             {"transformer.h.0": "tokens", "pooled": "mean", "transformer.h.1": "tokens"}, tokens)
+    assert_rows_equal(store, result, index)
+    capsys.readouterr()
+    assert cli(*args, "--layers", "transformer.h.0", "--reduce", "tokens,nope=mean", "--out", str(tmp_path / "x")) == 1
+    assert "--reduce nope=...: 'nope' is not a captured key; the keys: ['transformer.h.0']" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli(*args, "--layers", "transformer.h.0", "--reduce", "tokens,mean", "--out", str(tmp_path / "x"))
+    assert "names two default modes" in capsys.readouterr().err
+
+
 def _image_flags(tmp_path):
     return ["--model", "resnet18", "--data", "fake:8", "--layers", "layer4", "--out", str(tmp_path)]
 
