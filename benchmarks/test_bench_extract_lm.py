@@ -12,6 +12,7 @@ and input tokens per second. No pass/fail timing assertion.
 """
 from __future__ import annotations
 
+import os
 import shutil
 import statistics
 import tempfile
@@ -32,6 +33,8 @@ LAYERS = {"resid2": "transformer.h.2", "resid4": "transformer.h.4"}
 CONFIG = {"cpu": {"batch": 8, "context": 128, "rows": 48, "rounds": 3},
           "cuda": {"batch": 32, "context": 1024, "rows": 256, "rounds": 3}}
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+if os.environ.get("FASTCAP_BENCH_QUICK") == "1":  # a smoke run (gpu_check.sh's QUICK=1 dry run)
+    CONFIG["cpu"].update(rows=8, context=32, rounds=1)
 
 
 def _model(device: str) -> torch.nn.Module:
