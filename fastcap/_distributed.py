@@ -4,10 +4,25 @@ barriers, rank-0-only steps whose errors every rank raises, and leaving it."""
 from __future__ import annotations
 
 import os
+import sys
 from typing import Callable
 
 import torch
 import torch.distributed as dist
+
+
+def launch_rank() -> int:
+    """This process's rank as torchrun's environment gives it (0 outside torchrun), readable
+    before any process group exists (tokenizing a corpus, the command line's messages)."""
+    return int(os.environ.get("RANK", "0"))
+
+
+def show_progress(progress: bool | None, rank: int | None = None) -> bool:
+    """Whether to draw a progress bar: only on rank 0 (``rank``, default the launch rank), and
+    with ``progress=None`` only when stderr is a terminal."""
+    if (launch_rank() if rank is None else rank) != 0:
+        return False
+    return sys.stderr.isatty() if progress is None else bool(progress)
 
 
 class ProcessGroup:

@@ -28,7 +28,7 @@ from typing import Any, Callable
 import torch
 from torch.utils.data import Dataset, IterableDataset
 
-from fastcap._distributed import ProcessGroup
+from fastcap._distributed import ProcessGroup, launch_rank, show_progress
 from fastcap._layers import model_device
 from fastcap._sources import batch_size, make_source, to_device
 from fastcap._tokens import Tokens
@@ -37,7 +37,7 @@ from fastcap.capture import build_capture
 from fastcap.store import Store, open
 from fastcap.store._format import LOCK, MANIFEST, is_ours, out_error, read_json
 from fastcap.store._lock import OutLock
-from fastcap.store._writer import RankDir, ShardWriter, size_text as _size, write_merged_manifest
+from fastcap.store._writer import RankDir, ShardWriter, size_text, write_merged_manifest
 
 __all__ = ["extract"]
 
@@ -164,11 +164,11 @@ def extract_with_stats(model, data, layers, reduce, *, out, k, channel_dim, dtyp
 
         group.run_on_rank0(prepare)
         rank_dir = RankDir.open(root, group.rank, args, source.num_samples)
-        show_progress = _show_progress(progress, group.rank)
-        if on_estimate is None and show_progress:
+        show_bar = show_progress(progress, group.rank)
+        if on_estimate is None and show_bar:
             on_estimate = print_estimate
         writer = ShardWriter(rank_dir, shard_size, source.rank_samples, check_space, on_estimate)
-        stats = _run_rank(model, cap, device, source, rank_dir, writer, show_progress,
+        stats = _run_rank(model, cap, device, source, rank_dir, writer, show_bar,
                           forward or _default_forward)
         group.barrier()
         if group.rank == 0 and not (root / MANIFEST).is_file():
@@ -276,9 +276,9 @@ def print_estimate(estimated: int, free: int) -> None:
     """The size estimate, above the progress bar, on rank 0 only (each rank estimates its part)."""
     from tqdm.auto import tqdm
 
-    if int(os.environ.get("RANK", "0")) == 0:
-        tqdm.write(f"fastcap extract: about {_size(estimated)} to write (estimated from the first batch), "
-                   f"{_size(free)} free", file=sys.stderr)
+    if launch_rank() == 0:
+        tqdm.write(f"fastcap extract: about {size_text(estimated)} to write (estimated from the first batch), "
+                   f"{size_text(free)} free", file=sys.stderr)
 
 
 def _default_forward(model, batch):
@@ -287,13 +287,6 @@ def _default_forward(model, batch):
     if isinstance(batch, (tuple, list)):
         return model(batch[0])
     return model(batch)
-
-
-def _show_progress(progress: bool | None, rank: int) -> bool:
-    if progress is None:
-        return rank == 0 and sys.stderr.isatty()
-    return bool(progress) and rank == 0
-
 
 
 def _fingerprint(model, source, layers, reduce, k, channel_dim, dtype, select, shard_size,

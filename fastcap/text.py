@@ -44,6 +44,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from fastcap._distributed import show_progress
+
 __all__ = ["make_text_dataset", "is_text_spec", "load_tokenizer", "special_ids", "SpecialIds",
            "PackedText", "PaddedText", "FAKE_TEXT_MAX_TOKENS"]
 
@@ -171,7 +173,7 @@ def make_text_dataset(spec: str, *, context: int, pack: bool = False, padding: s
     vocab = _config_value(config, "vocab_size")
     corpus = _read_corpus(spec, tokenizer, text_field, add_special_tokens=not pack,
                           max_tokens=None if pack else context, vocab=vocab, special=special,
-                          show=_show_progress(progress))
+                          show=show_progress(progress))
     pad = None if pack else (special.pad if special.pad is not None else 0)
     # The choices first, then what they made: a resume that differs is told the choice first.
     spec = {"corpus": corpus.source["corpus"], "path": corpus.source["path"],
@@ -451,8 +453,3 @@ def _tokenizer_path(tokenizer) -> str | None:
         return None
     path = getattr(tokenizer, "name_or_path", None)
     return os.path.abspath(path) if path and os.path.isdir(path) else path
-
-
-def _show_progress(progress: bool | None) -> bool:
-    rank0 = int(os.environ.get("RANK", "0")) == 0
-    return rank0 and (sys.stderr.isatty() if progress is None else bool(progress))

@@ -103,16 +103,18 @@ def shard_moments(path, torch_dtype: str, keep: np.ndarray | None) -> Moments | 
         rows = torch.from_numpy(chunk)
         if rows.dtype != dtype:  # bfloat16 and other dtypes numpy lacks are stored as raw bits
             rows = rows.view(dtype)
-        moments = Moments.of_rows(rows.to(torch.float64))
-        total = moments if total is None else total.merge(moments)
+        total = combine(total, Moments.of_rows(rows.to(torch.float64)))
     return total
 
 
+def combine(total: "Moments | None", part: "Moments | None") -> "Moments | None":
+    """Moments of both (either may be None: nothing yet)."""
+    return part if total is None else total.merge(part)
+
+
 def merge_json(parts: list) -> dict | None:
-    """Merge moments given as JSON (None entries skipped) into JSON."""
+    """Merge moments given as JSON (None entries: nothing) into JSON."""
     total = None
     for part in parts:
-        moments = Moments.from_json(part)
-        if moments is not None:
-            total = moments if total is None else total.merge(moments)
+        total = combine(total, Moments.from_json(part))
     return None if total is None else total.to_json()

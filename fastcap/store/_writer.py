@@ -22,7 +22,7 @@ from fastcap._slots import INDEX_MODE
 from fastcap.store._format import (INDICES_SUFFIX, MANIFEST, TOKEN_KEYS, RAW_BITS, encode_runs, fsync_dir, header,
                                    key_meta, merge_manifests, npy_header, out_error, rank_name, read_json,
                                    write_json_atomic)
-from fastcap.store._stats import Moments, shard_moments
+from fastcap.store._stats import Moments, combine, shard_moments
 
 # How long the writer thread waits for a step (or for the main thread's word) between checks
 # of its stop flag.
@@ -157,8 +157,7 @@ class Shard:
         state = self.rank_dir.state
         stats = dict(state.get("stats", {}))
         for key, moments in self._moments(positions, state.get("num_samples")).items():
-            previous = Moments.from_json(stats.get(key))
-            stats[key] = (moments if previous is None else previous.merge(moments)).to_json()
+            stats[key] = combine(Moments.from_json(stats.get(key)), moments).to_json()
         fsync_dir(self.tmp)
         final = self.rank_dir.dir / self.name
         os.replace(self.tmp, final)
