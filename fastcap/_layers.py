@@ -230,7 +230,22 @@ def _check_select(key: str, sel: Any) -> None:
                         f"got {type(sel).__name__}: {sel!r}")
 
 
-def plan_layers(model: nn.Module, layers: LayerSpec, reduce: Union[str, Mapping[str, str]] = "full", *,
+def default_reduce(tokens: Optional[Tokens]) -> str:
+    """The mode of a layer ``reduce`` leaves unsaid: ``"tokens"`` when ``tokens=`` is given (a
+    capture told which tokens are real is one of tokens), ``"full"`` otherwise."""
+    return "tokens" if tokens is not None else "full"
+
+
+def resolve_reduce(reduce: Union[None, str, Mapping[str, Optional[str]]], tokens: Optional[Tokens]):
+    """``reduce`` with :func:`default_reduce` filled in for None (also as a dict's value)."""
+    if reduce is None:
+        return default_reduce(tokens)
+    if isinstance(reduce, Mapping):
+        return {key: default_reduce(tokens) if mode is None else mode for key, mode in reduce.items()}
+    return reduce
+
+
+def plan_layers(model: nn.Module, layers: LayerSpec, reduce: Union[None, str, Mapping[str, str]] = None, *,
                 k: Union[None, int, Mapping[str, int]] = None,
                 channel_dim: Union[int, Mapping[str, int]] = 1,
                 dtype: Optional[torch.dtype] = None,
@@ -245,7 +260,8 @@ def plan_layers(model: nn.Module, layers: LayerSpec, reduce: Union[str, Mapping[
     resolved = resolve_layers(model, layers)
     if tokens is not None and not isinstance(tokens, Tokens):
         raise TypeError(f"tokens must be a fastcap.Tokens, got {type(tokens).__name__}: {tokens!r}")
-    modes = per_layer("reduce", reduce, resolved, "full", _mode_checker(tokens))
+    reduce = resolve_reduce(reduce, tokens)
+    modes = per_layer("reduce", reduce, resolved, default_reduce(tokens), _mode_checker(tokens))
     if tokens is not None and TOKEN_INDEX_KEY in resolved:
         raise ValueError(f"with tokens=, {TOKEN_INDEX_KEY!r} is the key of drain()'s token index: give the "
                          "layer another alias")

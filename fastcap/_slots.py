@@ -148,7 +148,7 @@ class Item:
     other parts hold; only those rows are handed off.
     """
 
-    __slots__ = ("ring", "slot", "parts", "mode", "counted", "info", "value", "error", "_lock")
+    __slots__ = ("ring", "slot", "parts", "mode", "counted", "info", "value", "error", "_taken", "_lock")
 
     def __init__(self, ring, slot: int, parts: List[Part], mode: str, counted: bool = False,
                  info: Optional[dict] = None):
@@ -156,6 +156,7 @@ class Item:
         self.info = info  # a token index's {"samples": N, "sample_offset": first sample number}
         self.value: Optional[Captured] = None
         self.error: Optional[BaseException] = None  # why copying it out failed, if it did
+        self._taken = False  # a plain slot's buffer was handed over by host_views(): the slot is free
         # The collector, a drain() in another thread and close() may all reach an item.
         self._lock = threading.Lock()
 
@@ -222,15 +223,19 @@ class Item:
             if self.ring.pinned:
                 self.ring.wait(self.slot)
                 host = self.ring.host(self.slot)
+            elif not self._taken:
+                host = self.ring.take(self.slot)  # the buffer is ours now, and the slot free again
+                self._taken = True
             else:
-                host = self.ring.take(self.slot)  # the buffer is ours now: release() is moot
+                raise RuntimeError("fastcap: host_views() of a plain slot can be taken once")
             return self._views(host)
 
     def release(self) -> None:
-        """Frees the slot after :meth:`host_views` (its bytes are no longer needed)."""
+        """Frees the slot after :meth:`host_views`, or without reading it (a consumer that drops
+        the step): its bytes are no longer needed."""
         with self._lock:
             ring, self.ring = self.ring, None
-            if ring is not None and ring.pinned:
+            if ring is not None and not self._taken:
                 ring.release(self.slot)
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import sys
 import threading
 import time
+import warnings
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Deque, Dict, List, Optional, Tuple
@@ -14,6 +15,7 @@ import torch
 import torch.nn as nn
 
 from fastcap import _ext
+from fastcap._early_exit import EarlyExit
 from fastcap._layers import Layer
 from fastcap._outputs import check_capturable, select_tensor
 from fastcap._slots import (INDEX_MODE, Item, Part, plan_index_parts, plan_parts, plan_token_parts, slot_bytes,
@@ -21,8 +23,10 @@ from fastcap._slots import (INDEX_MODE, Item, Part, plan_index_parts, plan_parts
 from fastcap._tokens import ROW_MODES, TOKEN_INDEX_KEY, BoundTokens, check_token_output, keep_mask
 
 # With collect=False, how long a forward waits for a full ring before it concludes that no
-# other thread will ever drain (a consumer thread gets this long to make its first drain()).
+# live thread will ever drain (a consumer thread gets this long to make its first drain()).
 _NO_CONSUMER_SECONDS = 2.0
+# A forward that has waited this long for a slot says so (once per capture), whatever the cause.
+_WARN_AFTER_SECONDS = 10.0
 _WAIT_SLICE_SECONDS = 0.05
 
 
@@ -36,14 +40,15 @@ class Step:
     mask: Optional[torch.Tensor] = None  # tokens=: the call's attention mask and ids
     ids: Optional[torch.Tensor] = None
     keep: Optional[Tuple[tuple, torch.Tensor]] = None  # ((N, T, device), kept tokens [N, T])
-    stopped: bool = False  # ended by StopForward after its last captured layer (stop_early)
 
 
-class StopForward(BaseException):
-    """Raised by a hook, with ``stop_early``, once every captured layer of the step has run: the
-    rest of the forward is not needed. A BaseException, so that a model's ``except Exception``
-    fallbacks do not swallow it; ``extract`` catches it around each forward and calls
-    :meth:`StepHooks.end_stopped_step`."""
+class ConsumerFailed(RuntimeError):
+    """Raised in a forward waiting for a slot when the thread that takes the steps out (the
+    collector, extract's writer) failed: ``error`` is that thread's exception."""
+
+    def __init__(self, error: BaseException):
+        super().__init__(f"fastcap: the consumer of this capture failed: {type(error).__name__}: {error}")
+        self.error = error
 
 
 class Counters:
@@ -55,6 +60,7 @@ class Counters:
         self.copy_out_seconds = 0.0
         self.by_thread: Dict[str, int] = {}
         self.on_forward = 0
+        self.waiting = 0  # forwards waiting for a free slot right now
 
     def copied(self, seconds: float, in_forward: bool) -> None:
         name = threading.current_thread().name
@@ -69,14 +75,16 @@ class StepHooks:
     side is in fastcap/capture.py)."""
 
     def __init__(self, model: nn.Module, layers: Dict[str, Layer], depth: int, collect: bool = True,
-                 tokens: Optional[BoundTokens] = None, stop_early: bool = False):
+                 tokens: Optional[BoundTokens] = None, stop_early: bool = False,
+                 timeout: Optional[float] = None):
         self._model = model
-        self._stop_early = stop_early
-        # With stop_early: the layer calls of the first step that ran to its end. A later step
-        # has run every captured layer once its calls equal these.
-        self._calls_per_step: Optional[Dict[str, int]] = None
+        self._timeout = timeout  # seconds a forward may wait for a slot; None: for ever (warned)
+        self._warned_wait = False
+        self._early_exit = EarlyExit(model, self._register_pre_hook, self._open_step_calls) if stop_early else None
         self._tokens = tokens
         self._samples = 0  # samples numbered so far by token indices
+        self._ran: set = set()  # keys of the layers that ran at least once
+        self._warned_not_run = False
         self._layers = layers
         self._depth = depth
         self._collect = collect
@@ -110,6 +118,25 @@ class StepHooks:
         self._handles.append(self._model.register_forward_hook(eager(self._on_model_end), always_call=True))
         for layer in self._layers.values():
             self._handles.append(modules[layer.module_name].register_forward_hook(eager(self._make_hook(layer))))
+        if self._early_exit is not None:
+            self._early_exit.install()
+
+    def _register_pre_hook(self, module: nn.Module, hook: Callable):
+        """A pre-hook of early exit's, ahead of the module's others; an error in it (not
+        StopForward) closes the capture like one in a capture hook."""
+        def guarded(module, args):
+            try:
+                return hook(module, args)
+            except Exception:
+                self.close()
+                raise
+        handle = module.register_forward_pre_hook(eager(guarded), prepend=True)
+        self._handles.append(handle)
+        return handle
+
+    def _open_step_calls(self) -> Optional[Dict[str, int]]:
+        step = self._open.get(threading.get_ident())
+        return None if step is None or step.implicit else step.calls
 
     # ----------------------------------------------------------------- steps
     def _on_model_start(self, module, args, kwargs) -> None:
@@ -118,6 +145,8 @@ class StepHooks:
         local.depth = depth + 1
         if depth == 0:  # a top-level call: a new step (nested, recursive calls belong to it)
             step = Step()
+            if self._early_exit is not None:
+                self._early_exit.step_started()
             if self._tokens is not None:
                 step.mask, step.ids = self._tokens.find(args, kwargs)
             tid = threading.get_ident()
@@ -137,8 +166,8 @@ class StepHooks:
         step = self._open.pop(tid, None)
         if step is None:
             return
-        if self._stop_early and self._calls_per_step is None and not step.stopped and step.calls:
-            self._calls_per_step = dict(step.calls)
+        if self._early_exit is not None and self._early_exit.learning and not step.implicit:
+            self._early_exit.step_finished(step.calls)
         self._steps.append(step)
         self._steps_finished += 1
         if self._collector is not None:
@@ -190,6 +219,8 @@ class StepHooks:
             step = self._step_for_hook(layer)
             n = step.calls.get(layer.key, 0)
             step.calls[layer.key] = n + 1
+            if n == 0:
+                self._ran.add(layer.key)
             key = layer.key if n == 0 else f"{layer.key}#{n}"
             x = select_tensor(layer, output)
             check_capturable(layer, x)
@@ -202,7 +233,7 @@ class StepHooks:
                 if parts is None:
                     parts = self._plans[signature] = plan_parts(layer, x)
                 ring = self._ring_for(key, x.device)
-                slot = self._acquire(ring, slot_bytes(parts))
+                slot = self._acquire(ring, slot_bytes(parts), key)
                 write_slot(ring, slot, layer, x.detach(), parts)
                 items = {key: Item(ring, slot, parts, layer.mode)}
             tid = threading.get_ident()
@@ -216,9 +247,8 @@ class StepHooks:
             # captured before stays in result()).
             self.close()
             raise
-        if self._stop_early and not step.implicit and step.calls == self._calls_per_step:
-            step.stopped = True
-            raise StopForward(layer.key)  # the deepest captured layer has run
+        if self._early_exit is not None and self._early_exit.learning and not step.implicit:
+            self._early_exit.layer_ran()
         return None
 
     def _capture_tokens(self, step: Step, key: str, layer: Layer, x: torch.Tensor) -> Dict[str, Item]:
@@ -233,7 +263,7 @@ class StepHooks:
         if layer.mode in ROW_MODES and TOKEN_INDEX_KEY not in step.items:
             parts = plan_index_parts(n, t)
             ring = self._ring_for(TOKEN_INDEX_KEY, x.device)
-            slot = self._acquire(ring, slot_bytes(parts))
+            slot = self._acquire(ring, slot_bytes(parts), key)
             ids = step.ids.to(x.device, non_blocking=True) if step.ids is not None else None
             with self._cond:
                 offset, self._samples = self._samples, self._samples + n
@@ -245,10 +275,32 @@ class StepHooks:
         if parts is None:
             parts = self._plans[signature] = plan_token_parts(layer, x)
         ring = self._ring_for(key, x.device)
-        slot = self._acquire(ring, slot_bytes(parts))
+        slot = self._acquire(ring, slot_bytes(parts), key)
         write_token_slot(ring, slot, layer, x, keep, parts)
         items[key] = Item(ring, slot, parts, layer.mode, counted=layer.mode in ROW_MODES)
         return items
+
+    def layers_not_run(self) -> List[str]:
+        """The requested keys whose module has not run in any forward so far."""
+        return [key for key in self._layers if key not in self._ran]
+
+    def not_run_message(self, missing: List[str]) -> str:
+        names = ", ".join(f"{key!r}" + (f" (module {self._layers[key].module_name!r})"
+                                          if self._layers[key].module_name != key else "") for key in missing)
+        return (f"requested layer(s) {names} did not run in {self._steps_finished} forward pass(es) of "
+                f"{type(self._model).__name__}. A forward can skip a module: attention dropout under "
+                "scaled_dot_product_attention (e.g. Hugging Face's attn_dropout with the 'sdpa' "
+                "implementation), a branch not taken, an MoE expert that got no tokens, or a module "
+                "called through .forward() or functionally, which bypasses its hooks")
+
+    def _warn_layers_not_run(self) -> None:
+        """Once per capture, after at least one forward: name the requested layers that never ran
+        (their keys are missing from result() and drain())."""
+        missing = self.layers_not_run()
+        if missing and self._steps_finished and not self._warned_not_run:
+            self._warned_not_run = True
+            warnings.warn(f"fastcap: {self.not_run_message(missing)}; result() has no key for them",
+                          RuntimeWarning, stacklevel=3)
 
     # ----------------------------------------------------------------- rings
     def _ring_for(self, key: str, device: torch.device):
@@ -262,27 +314,53 @@ class StepHooks:
                     self._rings[(key, device)] = ring
         return ring
 
-    def _acquire(self, ring, nbytes: int) -> int:
+    def _acquire(self, ring, nbytes: int, key: str) -> int:
         slot = ring.acquire(nbytes, 0.0)
         if slot >= 0:
             return slot
-        # Every slot holds a finished step no consumer has taken yet: wait for one.
+        # Every slot holds a finished step no consumer has taken yet: wait for one, never
+        # silently for ever.
         start = time.perf_counter()
+        with self._counters.lock:
+            self._counters.waiting += 1
         try:
             while slot < 0:
+                waited = time.perf_counter() - start
                 if self._consumer_error is not None:
-                    raise RuntimeError("fastcap: the consumer of this capture failed") from self._consumer_error
-                if (not self._collect and not (self._consumers - {threading.get_ident()})
-                        and time.perf_counter() - start > _NO_CONSUMER_SECONDS):
+                    raise ConsumerFailed(self._consumer_error) from self._consumer_error
+                if not self._collect and waited > _NO_CONSUMER_SECONDS and not self._live_consumers():
                     raise RuntimeError(
-                        f"fastcap: every one of the {self._depth} ring slots holds a step no thread has "
-                        "drained, and with collect=False nothing else will: call drain() from a "
-                        "consumer thread, drain after each forward, or use collect=True")
+                        f"fastcap: layer {key!r} waits for a free slot, but every one of its depth="
+                        f"{self._depth} ring slots holds a step no thread has drained, and with "
+                        "collect=False no live thread drains this capture (a consumer thread that "
+                        "ended, or none): consume in a thread with `for step in cap.drain(block=True)`, "
+                        "drain after each forward, or use collect=True")
+                if self._timeout is not None and waited > self._timeout:
+                    raise TimeoutError(f"fastcap: layer {key!r} waited {waited:.1f} s for a free ring slot "
+                                       f"(timeout={self._timeout}): {self._stall_reason()}")
+                if waited > _WARN_AFTER_SECONDS and not self._warned_wait:
+                    self._warned_wait = True
+                    warnings.warn(f"fastcap: the forward has waited {waited:.0f} s for a free ring slot of "
+                                  f"layer {key!r}: {self._stall_reason()}; pass timeout= to make such a "
+                                  "wait an error", RuntimeWarning, stacklevel=2)
                 slot = ring.acquire(nbytes, _WAIT_SLICE_SECONDS)
             return slot
         finally:
             with self._counters.lock:
                 self._counters.forward_wait_seconds += time.perf_counter() - start
+                self._counters.waiting -= 1
+
+    def _live_consumers(self) -> set:
+        """Threads other than this one that drained this capture and still run."""
+        alive = {thread.ident for thread in threading.enumerate()}
+        return (self._consumers & alive) - {threading.get_ident()}
+
+    def _stall_reason(self) -> str:
+        if self._collect:
+            return (f"all depth={self._depth} slots hold steps the collector thread has not copied out "
+                    "yet (a slow or blocked copy-out)")
+        return (f"all depth={self._depth} slots hold steps no consumer has taken (collect=False): the "
+                "thread that drains this capture is slow or stuck")
 
 
 def eager(hook: Callable) -> Callable:

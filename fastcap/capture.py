@@ -66,8 +66,10 @@ class Capture(StepHooks):
             raise
         return self
 
-    def __exit__(self, *exc_info) -> None:
+    def __exit__(self, exc_type, *exc_info) -> None:
         self.close()
+        if exc_type is None:
+            self._warn_layers_not_run()
 
     def close(self) -> None:
         """Removes every hook and frees every buffer; what was captured stays in result().
@@ -144,12 +146,18 @@ class Capture(StepHooks):
         in_forward = getattr(self._local, "depth", 0) > 0
         return item.materialize(lambda seconds: self._counters.copied(seconds, in_forward))
 
-    def drain(self) -> Iterator[Dict[str, Captured]]:
+    def drain(self, block: bool = False) -> Iterator[Dict[str, Captured]]:
         """Yields each finished forward pass not yet drained, oldest first, exactly once.
 
         Each step is a dict ``{key: Tensor or TopK}`` of CPU tensors; fastcap keeps no
         copy, so a loop that drains holds host memory flat. Safe to call from another
         thread than the one running the model.
+
+        Args:
+            block: False (default): stop as soon as no finished step is waiting, for a loop
+                that drains after each forward. True: wait for the next step instead, and stop
+                only once the capture has closed and every step was yielded - a consumer
+                thread's loop, which then ends by itself when the ``with`` block exits.
 
         Example::
 
@@ -158,8 +166,16 @@ class Capture(StepHooks):
                     model(x)
                     for step in cap.drain():
                         use(step["layer4.1"].values)
+
+            # a consumer thread (collect=False: the forward waits when it falls behind)
+            with fastcap.capture(model, "layer4", reduce="mean", collect=False) as cap:
+                consumer = threading.Thread(target=lambda: [use(s) for s in cap.drain(block=True)])
+                consumer.start()
+                for x in batches:
+                    model(x)
+            consumer.join()
         """
-        for step in self._drain_steps():
+        for step in self._drain_steps(block):
             try:
                 out = {key: self._materialize(item) for key, item in step.items.items()}
             finally:
@@ -190,11 +206,15 @@ class Capture(StepHooks):
         with self._cond:
             return self._cond.wait_for(lambda: bool(self._steps) or self._stopping, timeout) and bool(self._steps)
 
-    def _drain_steps(self) -> Iterator[Step]:
+    def _drain_steps(self, block: bool = False) -> Iterator[Step]:
         self._consumers.add(threading.get_ident())
         while True:
             with self._cond:
                 self._finish_implicit_locked()
+                if block:
+                    # Until a step finishes or the capture closes (close() finishes every open
+                    # step first, so none is left behind).
+                    self._cond.wait_for(lambda: bool(self._steps) or self._stopping)
                 if not self._steps:
                     return
                 step = self._steps.popleft()
@@ -219,6 +239,7 @@ class Capture(StepHooks):
         call returns tensors of its own.
         """
         steps = self._undrained_steps()
+        self._warn_layers_not_run()
         per_key: Dict[str, List[Captured]] = {}
         for step in steps:
             for key, item in step.items.items():
@@ -245,7 +266,8 @@ class Capture(StepHooks):
 
         ``steps``, ``bytes_captured``, ``pinned_bytes``, ``host_bytes``, ``device_bytes`` (held
         by the rings now), ``stall_seconds`` = ``forward_wait_seconds`` (time the forward
-        waited for a free slot), ``copy_out_seconds`` (time consumers spent moving bytes out
+        waited for a free slot), ``forwards_waiting`` (forwards waiting for one right now),
+        ``copy_out_seconds`` (time consumers spent moving bytes out
         of the rings), ``materializations`` (``{thread name: count}``: who did that work),
         ``materializations_on_forward`` (how many ran inside a forward: 0 when consumers keep
         up), ``d2h_gbps`` (bytes copied from GPUs over the union of the busy intervals of
@@ -264,7 +286,8 @@ class Capture(StepHooks):
         pool = _ext._C.pool_stats()
         c = self._counters
         with c.lock:
-            counters = {"forward_wait_seconds": c.forward_wait_seconds, "copy_out_seconds": c.copy_out_seconds,
+            counters = {"forward_wait_seconds": c.forward_wait_seconds, "forwards_waiting": c.waiting,
+                        "copy_out_seconds": c.copy_out_seconds,
                         "materializations": dict(c.by_thread), "materializations_on_forward": c.on_forward}
         return {
             "steps": self._steps_finished,
@@ -294,12 +317,18 @@ def _concat(key: str, values: List[Captured]) -> Captured:
     return torch.cat(values)
 
 
+def _check_timeout(timeout: Any) -> None:
+    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
+                                or not timeout > 0):
+        raise ValueError(f"timeout must be None or a number of seconds > 0, got {timeout!r}")
+
+
 def _check_depth(depth: Any) -> None:
     if isinstance(depth, bool) or not isinstance(depth, int) or not 1 <= depth <= MAX_DEPTH:
         raise ValueError(f"depth must be an int in [1, {MAX_DEPTH}] (ring slots per layer), got {depth!r}")
 
 
-def build_capture(model: nn.Module, layers: LayerSpec, reduce: Union[str, Mapping[str, str]] = "full", *,
+def build_capture(model: nn.Module, layers: LayerSpec, reduce: Union[None, str, Mapping[str, str]] = None, *,
                   k: Union[None, int, Mapping[str, int]] = None,
                   channel_dim: Union[int, Mapping[str, int]] = 1,
                   dtype: Optional[torch.dtype] = None,
@@ -308,7 +337,8 @@ def build_capture(model: nn.Module, layers: LayerSpec, reduce: Union[str, Mappin
                   collect: bool = True,
                   tokens: Optional[Tokens] = None,
                   keep_layout: bool = True,
-                  stop_early: bool = False) -> Capture:
+                  stop_early: bool = False,
+                  timeout: Optional[float] = None) -> Capture:
     """:func:`capture` with the options only fastcap's own callers use: ``keep_layout=False``
     lays full captures out contiguously (extract writes C-order rows straight from the slot);
     ``stop_early=True`` ends each forward with ``fastcap._steps.StopForward`` once every
@@ -317,18 +347,20 @@ def build_capture(model: nn.Module, layers: LayerSpec, reduce: Union[str, Mappin
     plans = plan_layers(model, layers, reduce, k=k, channel_dim=channel_dim, dtype=dtype, select=select,
                         tokens=tokens, keep_layout=keep_layout)
     _check_depth(depth)
+    _check_timeout(timeout)
     bound = BoundTokens(tokens, model) if tokens is not None else None
-    return Capture(model, plans, depth, collect, bound, stop_early)
+    return Capture(model, plans, depth, collect, bound, stop_early, timeout)
 
 
-def capture(model: nn.Module, layers: LayerSpec, reduce: Union[str, Mapping[str, str]] = "full", *,
+def capture(model: nn.Module, layers: LayerSpec, reduce: Union[None, str, Mapping[str, str]] = None, *,
             k: Union[None, int, Mapping[str, int]] = None,
             channel_dim: Union[int, Mapping[str, int]] = 1,
             dtype: Optional[torch.dtype] = None,
             select: Union[Select, Mapping[str, Select]] = None,
             depth: int = 2,
             collect: bool = True,
-            tokens: Optional[Tokens] = None) -> Capture:
+            tokens: Optional[Tokens] = None,
+            timeout: Optional[float] = None) -> Capture:
     """Captures the activations of ``layers`` while ``model`` runs, into host memory.
 
     Args:
@@ -337,10 +369,11 @@ def capture(model: nn.Module, layers: LayerSpec, reduce: Union[str, Mapping[str,
         layers: a module name, a list of names, or ``{alias: name}``. Names are those of
             ``model.named_modules()``; globs use the dot as separator (``"layer*.1"``,
             ``"**.mlp"``).
-        reduce: ``"full"`` (exact copy), ``"mean"`` (float32 [N, C] mean over every dim
-            but the batch and the channel), ``"topk"`` (``torch.topk`` along the channel
-            dim), or ``{key: mode}`` (unlisted keys: ``"full"``). Per-layer dicts are keyed by
-            result key: the alias when there is one.
+        reduce: ``"full"`` (exact copy; the default), ``"mean"`` (float32 [N, C] mean over
+            every dim but the batch and the channel), ``"topk"`` (``torch.topk`` along the
+            channel dim), or ``{key: mode}`` (unlisted keys: the default). Per-layer dicts are
+            keyed by result key: the alias when there is one. With ``tokens=`` the default is
+            ``"tokens"``.
         k: how many channels ``"topk"`` keeps (required for it); int or ``{key: k}``.
         channel_dim: the channel dim, int or ``{key: int}``; 1 for NCHW, -1 for
             sequence models.
@@ -358,6 +391,9 @@ def capture(model: nn.Module, layers: LayerSpec, reduce: Union[str, Mapping[str,
             rows ``[n_kept, C]``, located by ``token_index()``), ``"mean"`` / ``"max"`` /
             ``"first"`` / ``"last"`` (pooled over the kept tokens, ``[N, C]``) and ``"topk"``
             (per kept token, ``[n_kept, k]``); ``"full"`` ignores the mask.
+        timeout: seconds a forward may wait for a free ring slot before it raises
+            ``TimeoutError``; None (default): it waits as long as it takes, with a
+            ``RuntimeWarning`` naming the layer once it has waited 10 s.
 
     Returns:
         A :class:`Capture`: use it as a context manager; read ``result()``, ``drain()``
@@ -373,4 +409,4 @@ def capture(model: nn.Module, layers: LayerSpec, reduce: Union[str, Mapping[str,
         feats = cap.result()          # {"layer3": Tensor[32, 256], "layer4": Tensor[32, 512]}
     """
     return build_capture(model, layers, reduce, k=k, channel_dim=channel_dim, dtype=dtype, select=select,
-                         depth=depth, collect=collect, tokens=tokens)
+                         depth=depth, collect=collect, tokens=tokens, timeout=timeout)

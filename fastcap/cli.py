@@ -162,11 +162,11 @@ def _add_extract_arguments(parser: argparse.ArgumentParser) -> None:
                          help="module names, comma separated or repeated; globs allowed "
                               "('layer*.1', '**.mlp'); KEY=NAME stores a module under the key KEY "
                               "(one module may be captured under two keys, with two --reduce modes)")
-    capture.add_argument("--reduce", default=("full", {}), type=_reduce_spec, metavar="MODE[,KEY=MODE...]",
+    capture.add_argument("--reduce", default=(None, {}), type=_reduce_spec, metavar="MODE[,KEY=MODE...]",
                          help=f"one of {', '.join(REDUCE_MODES)}: full copy, per-channel mean, top-k "
                               "channels; for text also tokens (one row per kept token), max, first, "
                               "last (per row, over the kept tokens); then KEY=MODE for the keys that "
-                              "differ, e.g. 'tokens,pooled=mean' (default: full)")
+                              "differ, e.g. 'tokens,pooled=mean' (default: full; tokens for text with --tokens)")
     capture.add_argument("--k", type=int, help="channels kept by --reduce topk")
     capture.add_argument("--channel-dim", type=int,
                          help="channel dimension (default: 1 for NCHW images, -1 for text [N, T, C])")
@@ -322,8 +322,9 @@ def _layer_spec(values: list[str]):
     return layers
 
 
-def _reduce_spec(text: str) -> tuple[str, dict]:
-    """--reduce MODE[,KEY=MODE...] -> (the default mode, {key: mode} where it differs)."""
+def _reduce_spec(text: str) -> tuple[str | None, dict]:
+    """--reduce MODE[,KEY=MODE...] -> (the default mode, None for extract's own, {key: mode}
+    where it differs)."""
     default, overrides = None, {}
     for entry in filter(None, (part.strip() for part in text.split(","))):
         key, _, mode = entry.rpartition("=")
@@ -336,7 +337,7 @@ def _reduce_spec(text: str) -> tuple[str, dict]:
         else:
             raise argparse.ArgumentTypeError(f"{text!r} names two default modes ({default}, {mode}); "
                                              "give the others as KEY=MODE")
-    return default or "full", overrides
+    return default, overrides
 
 
 def _modes(args: argparse.Namespace) -> set:

@@ -29,10 +29,11 @@ import torch
 from torch.utils.data import Dataset, IterableDataset
 
 from fastcap._distributed import ProcessGroup, launch_rank, show_progress
-from fastcap._layers import model_device
+from fastcap._layers import model_device, resolve_reduce
 from fastcap._sources import batch_size, make_source, to_device
 from fastcap._tokens import Tokens
-from fastcap._steps import StopForward
+from fastcap._early_exit import StopForward
+from fastcap._steps import ConsumerFailed
 from fastcap.capture import build_capture
 from fastcap.store import Store, open
 from fastcap.store._format import LOCK, MANIFEST, is_ours, out_error, read_json
@@ -46,7 +47,7 @@ def extract(
     model: torch.nn.Module,
     data: Iterable,
     layers,
-    reduce="full",
+    reduce=None,
     *,
     out: str | os.PathLike,
     k: int | None = None,
@@ -139,6 +140,7 @@ def extract_with_stats(model, data, layers, reduce, *, out, k, channel_dim, dtyp
     ``estimated_bytes``, ``shards_written``, ``resumed_samples``, ``stall_seconds``,
     ``max_pending_steps``, ``capture`` (its ``stats()``), ``rank``, ``world_size``."""
     _check_arguments(model, data, out, shard_size, depth)
+    reduce = resolve_reduce(reduce, tokens)  # the mode itself goes into the fingerprint
     # Built first so that bad layers/reduce/k fail before out is touched; hooks come later.
     # The writer thread is the consumer (collect=False: the forward waits for it, so host memory
     # stays bounded), and full captures are laid out contiguously: rows go from the slot to the
@@ -151,6 +153,8 @@ def extract_with_stats(model, data, layers, reduce, *, out, k, channel_dim, dtyp
     lock = None
     try:
         source = make_source(data, group.rank, group.world_size)
+        if source.num_samples == 0:
+            raise ValueError(_NO_SAMPLES)
         args = _fingerprint(model, source, layers, reduce, k, channel_dim, dtype, select,
                             shard_size, group.world_size, tokens)
         group.check_same(args["model"], "model parameters")
@@ -218,6 +222,8 @@ def _run_rank(model, cap, device, source, rank_dir, writer, show_progress, forwa
               desc="extract", disable=not show_progress, file=sys.stderr, dynamic_ncols=True) as bar:
         with torch.inference_mode(), cap:
             input_tokens = _forward_all(model, cap, batches, writer, device, forward, bar)
+            if writer.samples == 0 and rank_dir.committed_samples == 0 and source.num_samples is None:
+                raise ValueError(_NO_SAMPLES)  # an iterable that yielded nothing
             stats["capture"] = cap.stats()
             stats["stall_seconds"] = stats["capture"]["forward_wait_seconds"]
         writer.finish()
@@ -253,13 +259,24 @@ def _forward_all(model, cap, batches, writer: "ShardWriter", device, forward, ba
                     f"extract: the forward of {which} ran the model {made} times; extract pairs each "
                     "batch with exactly one call of the model (one step): a custom forward= must "
                     "call the model once per batch")
+            missing = cap.layers_not_run() if number == 0 else []
+            if missing:  # the store's keys come from the first step: never a silently absent key
+                raise ValueError(f"extract: {cap.not_run_message(missing)}; leave them out of layers=")
             writer.submit(size, indices, positions)  # the step just made is this batch's
             bar.update(size)
         writer.stop()
-    except BaseException:
+    except BaseException as error:
         writer.abort()
+        failure = writer.failure()
+        if isinstance(error, ConsumerFailed) and failure is not None:
+            # A forward waiting for a slot learnt that the writer failed: its error is the one.
+            raise failure from None
         raise
     return int(sum(int(count) for count in tokens))
+
+
+_NO_SAMPLES = ("extract: data holds no samples (an empty dataset, corpus or iterable); there is nothing to "
+               "extract, and a store without samples would not know its keys")
 
 
 def _input_tokens(batch):

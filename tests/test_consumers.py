@@ -23,18 +23,23 @@ def several_layers():
     return nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 16)).eval()
 
 
-def run_with_consumer(model, xs, depth, start_delay):
-    """Forwards on this thread, cap.drain() on a consumer thread (collect=False) that starts
-    draining only ``start_delay`` seconds in: a slow consumer, whatever the machine's speed."""
-    got, done, errors = [], threading.Event(), []
+def run_with_consumer(model, xs, depth, hold):
+    """Forwards on this thread, ``cap.drain(block=True)`` on a consumer thread (collect=False).
+    With ``hold`` the consumer takes nothing until a forward waits for a slot: a slow consumer,
+    whatever the machine's speed (it waits for that state, not for a time)."""
+    got, errors = [], []
     cap = fastcap.capture(model, ["0", "2", "4"], depth=depth, collect=False)
 
     def consume():
         try:
-            time.sleep(start_delay)
-            while not (done.is_set() and len(got) == len(xs)):
-                got.extend(cap.drain())
+            got.extend(cap.drain())  # nothing has finished yet: this only makes it known
+            deadline = time.monotonic() + 60
+            while hold and cap.stats()["forwards_waiting"] == 0 and time.monotonic() < deadline:
                 time.sleep(0.001)
+            for step in cap.drain(block=True):
+                got.append(step)
+                if len(got) == len(xs):
+                    return
         except Exception as exc:  # surfaced below
             errors.append(exc)
 
@@ -43,8 +48,7 @@ def run_with_consumer(model, xs, depth, start_delay):
         consumer.start()
         for x in xs:
             model(x)
-        done.set()
-        consumer.join(30)
+        consumer.join(60)
         stats = cap.stats()
     assert not consumer.is_alive() and errors == []
     return got, stats
@@ -57,7 +61,7 @@ def test_consumer_thread_does_every_copy_out_and_the_forward_waits_only_on_a_ful
         expected = [(model[0](x), model[2](model[1](model[0](x)))) for x in xs]
 
     # A slow consumer, two slots: the ring fills and the forward must wait for the consumer.
-    got, slow = run_with_consumer(model, xs, depth=2, start_delay=0.3)
+    got, slow = run_with_consumer(model, xs, depth=2, hold=True)
     assert len(got) == len(xs)
     for step, (a, b) in zip(got, expected):
         assert torch.equal(step["0"], a) and torch.equal(step["2"], b)
@@ -67,7 +71,7 @@ def test_consumer_thread_does_every_copy_out_and_the_forward_waits_only_on_a_ful
     assert slow["forward_wait_seconds"] > 0 and slow["stall_seconds"] == slow["forward_wait_seconds"]
 
     # A ring deep enough for every step: the forward never has to wait, whatever the consumer does.
-    got, fast = run_with_consumer(model, xs, depth=len(xs), start_delay=0.3)
+    got, fast = run_with_consumer(model, xs, depth=len(xs), hold=False)
     assert len(got) == len(xs)
     assert fast["forward_wait_seconds"] == 0.0
     assert fast["materializations_on_forward"] == 0

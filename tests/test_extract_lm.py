@@ -76,11 +76,11 @@ class TwiceLM(torch.nn.Module):
         self.embed = torch.nn.Embedding(97, 16)
         self.block = torch.nn.Linear(16, 16)
         self.head = torch.nn.Linear(16, 97)
-        self.heads = 0
+        self.heads = 0  # runs of the head
+        self.head.register_forward_pre_hook(lambda *args: setattr(self, "heads", self.heads + 1))
 
     def forward(self, input_ids, attention_mask=None):
         x = self.block(torch.tanh(self.block(self.embed(input_ids))))
-        self.heads += 1
         return self.head(x)
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib
 import re
 import signal
+import sys
 import threading
 import time
 import warnings
@@ -84,19 +85,52 @@ def head_model(module: nn.Module | None = None) -> nn.Sequential:
 # ------------------------------------------------------------------ case 2
 
 
+def _waiting_in_close(thread_id: int) -> bool:
+    """Whether that thread is inside Capture.close() and blocked in a wait there."""
+    frame = sys._current_frames().get(thread_id)
+    names = []
+    while frame is not None:
+        names.append(frame.f_code.co_name)
+        frame = frame.f_back
+    return "close" in names and names[0] in ("wait", "close")
+
+
 def test_interrupted_close_keeps_every_captured_step(wrap_copy_out):
     """Case 2: a KeyboardInterrupt while close() copies steps out loses all of them
-    (result() then raises "take() on a closed ring")."""
+    (result() then raises "take() on a closed ring").
+
+    Deterministic: every copy-out waits until the Ctrl-C has been delivered, and the Ctrl-C is
+    sent only once the main thread waits inside close() for those copy-outs."""
     model = head_model()
     xs = [torch.full((2, 3), float(i)) for i in range(3)]
-    wrap_copy_out(lambda: time.sleep(0.2))  # copy-outs are slow: close() has to wait for them
+    delivered = threading.Event()
     main = threading.main_thread().ident
-    with pytest.raises(KeyboardInterrupt):
-        with fastcap.capture(model, "head") as cap:
-            for x in xs:
-                model(x)
-            # A real Ctrl-C, 0.1 s into the with-block's exit, while the steps are copied out.
-            threading.Timer(0.1, signal.pthread_kill, (main, signal.SIGINT)).start()
+
+    def on_sigint(signum, frame):
+        delivered.set()
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
+
+    def send_when_main_waits_in_close():
+        deadline = time.monotonic() + 60
+        while not _waiting_in_close(main) and time.monotonic() < deadline:
+            time.sleep(0.001)  # polling a state, not waiting for a time
+        signal.pthread_kill(main, signal.SIGINT)
+
+    wrap_copy_out(lambda: delivered.wait(60))  # no copy-out before the Ctrl-C has landed
+    sender = threading.Thread(target=send_when_main_waits_in_close)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            # A slot per step: the held-up copy-outs never make the forward wait.
+            with fastcap.capture(model, "head", depth=len(xs)) as cap:
+                for x in xs:
+                    model(x)
+                sender.start()
+    finally:
+        sender.join(60)
+        signal.signal(signal.SIGINT, previous)
+    assert delivered.is_set()
     assert hook_count(model) == 0
     assert torch.equal(cap.result()["head"], torch.cat(xs))
 

@@ -261,6 +261,10 @@ class ShardWriter:
         if self._error is not None:
             raise self._error
 
+    def failure(self) -> BaseException | None:
+        """The writer thread's own error, if it failed (not an abort by the main thread)."""
+        return None if isinstance(self._error, _Aborted) else self._error
+
     def stop(self) -> None:
         """Let the thread drain what is finished, join it, and raise its error if any."""
         self._set_stop()
@@ -312,8 +316,9 @@ class ShardWriter:
             try:
                 if self._error is None:
                     self._guarded(self._write_step, items)
-            except BaseException as error:  # handed to the main thread
+            except BaseException as error:  # handed to the main thread, also mid-forward
                 self._error = self._error or error
+                self._cap.abort(self._error)
             finally:
                 for item in items.values():
                     item.release()  # the bytes are in the file: the slot is free again
