@@ -16,7 +16,7 @@ from fastcap.store._writer import size_text
 TOKEN_ONLY = ("tokens", "max", "first", "last")
 REDUCE_MODES = ("full", "mean", "topk", *TOKEN_ONLY)
 #: flags for text data only (their defaults are None/False so that "given" can be told).
-_TEXT_FLAGS = ("tokenizer", "text_field", "context", "pack", "padding", "tokens", "skip_ids", "start")
+_TEXT_FLAGS = ("tokenizer", "text_field", "encoding", "context", "pack", "padding", "tokens", "skip_ids", "start")
 
 
 EXTRACT_EPILOG = """\
@@ -139,6 +139,8 @@ def _add_extract_arguments(parser: argparse.ArgumentParser) -> None:
                            "model's directory, when it holds one)")
     text.add_argument("--text-field", metavar="NAME", help="field of a .jsonl record holding the "
                                                          "text (default: text)")
+    text.add_argument("--encoding", metavar="CODEC",
+                      help="text encoding of .jsonl/.txt data, e.g. latin-1 (default: utf-8)")
     text.add_argument("--context", type=int, metavar="T", help="tokens per row")
     text.add_argument("--pack", action="store_true",
                       help="pack documents into rows of exactly T tokens: doc1 BOS doc2 BOS ... cut "
@@ -269,7 +271,7 @@ def _text_dataset(args: argparse.Namespace, model):
     return make_text_dataset(
         args.data, context=args.context, pack=args.pack, padding=args.padding or "right",
         tokenizer=args.tokenizer or tokenizer_dir(args.model), text_field=args.text_field or "text",
-        config=getattr(model, "config", None), position_ids=takes_positions, progress=args.progress)
+        encoding=args.encoding or "utf-8", config=getattr(model, "config", None), position_ids=takes_positions, progress=args.progress)
 
 
 def _tokens(args: argparse.Namespace, dataset):

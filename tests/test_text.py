@@ -359,8 +359,59 @@ def test_model_dtype_and_help(capsys):
     with pytest.raises(SystemExit):
         main(["extract", "--help"])
     text = capsys.readouterr().out
-    for flag in ("--model-dtype", "--tokenizer", "--text-field", "--context", "--pack", "--padding",
+    for flag in ("--model-dtype", "--tokenizer", "--text-field", "--encoding", "--context", "--pack", "--padding",
                  "--tokens", "--skip-ids", "--start", "--no-stop-early", "--no-check-space", "hf-random:",
                  "fake-text:N", "one document per", "non-empty line",
                  "--data fake-text:256 --context 128 --pack"):
         assert flag in text, flag
+
+
+@pytest.mark.parametrize("value", [2 ** 32 + 7, 2 ** 31, -1, -2 ** 32 + 5],
+                         ids=["wraps-to-7", "int32-max-plus-1", "negative", "negative-wraps-to-5"])
+@pytest.mark.parametrize("vocab", [97, None], ids=["vocab", "no-vocab"])
+def test_npy_ids_out_of_range_are_refused_before_any_cast(tmp_path, value, vocab):
+    ids = np.arange(4, 24, dtype=np.int64).reshape(2, 10)
+    ids[1, 3] = value
+    path = tmp_path / "ids.npy"
+    np.save(path, ids)
+    config = transformers.GPT2Config(vocab_size=vocab, n_positions=64, bos_token_id=BOS) if vocab else None
+    message = re.escape(f"--data {str(path)!r} holds the token id {value} (document 1, token 3)")
+    if vocab:
+        message += re.escape(", but the model's vocabulary has 97 ids (0..96)")
+    with pytest.raises(ValueError, match=message):
+        make_text_dataset(str(path), context=16, config=config)
+
+
+def _latin1_corpus(tmp_path, suffix: str):
+    """Three documents, the second with an é written in latin-1."""
+    path = tmp_path / f"latin1{suffix}"
+    lines = ["the cat", "the café", "dog ran"]
+    if suffix == ".jsonl":
+        lines = ['{"text": "%s"}' % line for line in lines]
+    path.write_bytes("\n".join(lines).encode("latin-1") + b"\n")
+    return path
+
+
+@pytest.mark.parametrize("suffix", [".txt", ".jsonl"])
+def test_text_that_is_not_utf8_names_file_and_line_and_encoding_reads_it(tmp_path, capsys, suffix):
+    tokenizer_dir = save_tokenizer(tmp_path / "tok")
+    corpus = _latin1_corpus(tmp_path, suffix)
+    with pytest.raises(ValueError, match=re.escape(f"--data {str(corpus)!r} line 2: not utf-8 (byte 0xe9 ")
+                       + r".*--encoding latin-1"):
+        make_text_dataset(str(corpus), context=8, tokenizer=tokenizer_dir)
+    data = make_text_dataset(str(corpus), context=8, tokenizer=tokenizer_dir, encoding="latin-1")
+    assert len(data) == 3 and data.extract_spec["encoding"] == "iso8859-1"  # the codec's own name
+    utf8 = write_jsonl(tmp_path / "utf8.jsonl")
+    # UTF-8 under any name records no encoding: stores made before the option resume unchanged.
+    assert "encoding" not in make_text_dataset(utf8, context=8, tokenizer=tokenizer_dir).extract_spec
+    assert (make_text_dataset(utf8, context=8, tokenizer=tokenizer_dir, encoding="UTF8").extract_spec
+            == make_text_dataset(utf8, context=8, tokenizer=tokenizer_dir).extract_spec)
+
+    args = ["--model", MODEL, "--data", str(corpus), "--tokenizer", tokenizer_dir, "--context", "8",
+            "--layers", "transformer.h.0", "--reduce", "tokens"]
+    assert cli(*args, "--out", str(tmp_path / "acts")) == 1
+    assert f"line 2: not utf-8" in capsys.readouterr().err
+    assert cli(*args, "--encoding", "latin-1", "--out", str(tmp_path / "acts")) == 0
+    store = fastcap.open(tmp_path / "acts")
+    assert store.manifest["args"]["data_spec"]["encoding"] == "iso8859-1" and len(store.indices) == 3
+    assert cli(*args, "--encoding", "latin-1", "--out", str(tmp_path / "acts")) == 0  # resumed (done)
