@@ -271,7 +271,8 @@ def _text_dataset(args: argparse.Namespace, model):
     return make_text_dataset(
         args.data, context=args.context, pack=args.pack, padding=args.padding or "right",
         tokenizer=args.tokenizer or tokenizer_dir(args.model), text_field=args.text_field or "text",
-        encoding=args.encoding or "utf-8", config=getattr(model, "config", None), position_ids=takes_positions, progress=args.progress)
+        encoding=args.encoding or "utf-8", config=getattr(model, "config", None),
+        position_ids=takes_positions, progress=args.progress)
 
 
 def _tokens(args: argparse.Namespace, dataset):

@@ -386,7 +386,8 @@ def _decode_error(path: Path, encoding: str, error: UnicodeDecodeError) -> str:
             try:
                 line.decode(encoding)
             except UnicodeDecodeError as bad:
-                where = f"line {number}: not {encoding} (byte 0x{bad.object[bad.start]:02x} at column {bad.start + 1})"
+                byte = bad.object[bad.start]
+                where = f"line {number}: not {encoding} (byte 0x{byte:02x} at column {bad.start + 1})"
                 break
     return (f"--data {str(path)!r} {where}: {error.reason}; pass the file's encoding with --encoding "
             "(e.g. --encoding latin-1, or cp1252 for Windows text), or convert the file to UTF-8")
@@ -448,7 +449,8 @@ def _check_ids(spec: str, ids: np.ndarray, offsets: np.ndarray, vocab: int | Non
         return
     at = int(np.argmax((ids < 0) | (ids >= limit)))
     document = int(np.searchsorted(offsets, at, side="right")) - 1
-    where = f"--data {spec!r} holds the token id {int(ids[at])} (document {document}, token {at - offsets[document]})"
+    where = (f"--data {spec!r} holds the token id {int(ids[at])} "
+             f"(document {document}, token {at - offsets[document]})")
     if vocab is not None:
         raise ValueError(f"{where}, but the model's vocabulary has {vocab} ids (0..{vocab - 1}): is this "
                          "the model's tokenizer?")
