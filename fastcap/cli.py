@@ -206,6 +206,7 @@ def _run_extract(args: argparse.Namespace) -> int:
     try:
         device = _device(args.device)
         text = _check_data_flags(args)
+        _check_k(args)
         torch.manual_seed(args.seed)
         model = load_model(args.model, args.weights, device, args.model_dtype)
         dataset = _text_dataset(args, model) if text else _image_dataset(args)
@@ -251,6 +252,19 @@ def _check_data_flags(args: argparse.Namespace) -> bool:
         raise ValueError(f"{flags}: for text data, but --data {args.data!r} is images (text is "
                          "fake-text:N, .jsonl, .txt, .npy or a folder of .txt/.jsonl files)")
     return False
+
+
+def _check_k(args: argparse.Namespace) -> None:
+    """--k against --reduce, in the command line's terms (extract() would name k=)."""
+    default, overrides = args.reduce
+    topk = (["topk"] if default == "topk" else []) + [f"{key}=topk" for key, mode in overrides.items()
+                                                      if mode == "topk"]
+    if topk and args.k is None:
+        raise ValueError(f"--reduce {topk[0]} needs --k, the channels to keep (e.g. --k 8)")
+    if args.k is not None and not topk:
+        raise ValueError(f"--k {args.k} is given, but no --reduce mode is topk")
+    if args.k is not None and args.k < 1:
+        raise ValueError(f"--k must be >= 1, got {args.k}")
 
 
 def _image_dataset(args: argparse.Namespace):

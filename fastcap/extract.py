@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import math
 import os
 import shutil
 import sys
@@ -214,8 +215,14 @@ def _run_rank(model, cap, device, source, rank_dir, writer, show_progress, forwa
                       "call model.eval() first for reproducible features", UserWarning, stacklevel=4)
     batches = source.batches(rank_dir.committed_batches, pin=device.type == "cuda")
     started = time.perf_counter()
+    # An estimate to report comes before the bar is first drawn: written over a drawn bar, it
+    # would stay in the middle of the bar's line in a log, where "\r" erases nothing.
+    estimate_first = show_progress and writer.on_estimate is not None and writer.expected_samples is not None
     with tqdm(total=source.rank_samples, initial=rank_dir.committed_samples, unit="item",
-              desc="extract", disable=not show_progress, file=sys.stderr, dynamic_ncols=True) as bar:
+              desc="extract", disable=not show_progress, file=sys.stderr, dynamic_ncols=True,
+              delay=math.inf if estimate_first else 0) as bar:
+        if estimate_first:
+            writer.on_estimate = _then_draw(writer.on_estimate, bar)
         with torch.inference_mode(), cap:
             input_tokens = _forward_all(model, cap, batches, writer, device, forward, bar)
             stats["capture"] = cap.stats()
@@ -270,6 +277,15 @@ def _input_tokens(batch):
     if isinstance(mask, torch.Tensor):
         return mask.sum()
     return ids.numel() if isinstance(ids, torch.Tensor) else 0
+
+
+def _then_draw(on_estimate, bar):
+    """``on_estimate``, then the bar drawn from then on (it was made with an endless delay)."""
+    def report(estimated: int, free: int) -> None:
+        on_estimate(estimated, free)
+        bar.delay = 0
+        bar.refresh()
+    return report
 
 
 def print_estimate(estimated: int, free: int) -> None:

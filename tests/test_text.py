@@ -339,8 +339,11 @@ def _image_flags(tmp_path):
     (["--model", "resnet18", "--model-dtype", "bf16", "--data", "fake:4"], r"--model-dtype bf16 is for hf:"),
     (["--model", "resnet18", "--data", "fake:4", "--pack", "--reduce", "last"],
      r"--pack, --reduce last: for text data, but --data 'fake:4' is images"),
+    (["--model", MODEL, "--data", "fake-text:4", "--context", "8", "--layers", "h.1"],
+     r"unknown layer 'h\.1' in GPT2LMHeadModel: did you mean 'transformer\.h\.1'\?"),
 ], ids=["hf-name", "hf-key", "hf-pair", "no-tokenizer", "pack-no-bos", "context-0", "context-1-pack",
-        "no-context", "context-too-long", "skip-name", "skip-pad", "dtype-images", "text-flags-images"])
+        "no-context", "context-too-long", "skip-name", "skip-pad", "dtype-images", "text-flags-images",
+        "layer-parents"])
 def test_errors_name_the_argument(tmp_path, capsys, args, message):
     args = [str(write_jsonl(tmp_path / "c.jsonl")) if arg == "CORPUS" else arg for arg in args]
     assert cli(*args, "--layers", "transformer.h.1", "--out", str(tmp_path / "out")) == 1
@@ -348,6 +351,19 @@ def test_errors_name_the_argument(tmp_path, capsys, args, message):
     assert error.startswith("fastcap extract: error: "), error
     assert re.search(message, error), error
     assert not (tmp_path / "out").exists()  # refused before out is touched
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--reduce", "topk"], r"--reduce topk needs --k, the channels to keep \(e\.g\. --k 8\)$"),
+    (["--layers", "pooled=layer3", "--reduce", "mean,pooled=topk"], r"--reduce pooled=topk needs --k"),
+    (["--k", "3"], r"--k 3 is given, but no --reduce mode is topk$"),
+    (["--reduce", "topk", "--k", "0"], r"--k must be >= 1, got 0$"),
+], ids=["topk-no-k", "key-topk-no-k", "k-no-topk", "k-0"])
+def test_k_errors_name_the_flags(tmp_path, capsys, args, message):
+    assert cli("--model", "resnet18", "--data", "fake:4", "--layers", "layer4", *args, "--out", str(tmp_path)) == 1
+    error = capsys.readouterr().err.strip()
+    assert re.search(message, error), error
+    assert not tmp_path.joinpath("manifest.json").exists()
 
 
 def test_model_dtype_and_help(capsys):
@@ -415,3 +431,15 @@ def test_text_that_is_not_utf8_names_file_and_line_and_encoding_reads_it(tmp_pat
     store = fastcap.open(tmp_path / "acts")
     assert store.manifest["args"]["data_spec"]["encoding"] == "iso8859-1" and len(store.indices) == 3
     assert cli(*args, "--encoding", "latin-1", "--out", str(tmp_path / "acts")) == 0  # resumed (done)
+
+
+def test_the_estimate_is_printed_before_the_progress_bar(tmp_path, capsys):
+    """On its own line even in a log, where tqdm's carriage returns do not erase a drawn bar."""
+    assert cli("--model", MODEL, "--data", "fake-text:24", "--context", "16", "--pack", "--layers",
+               "transformer.h.1", "--reduce", "tokens", "--progress", "--out", str(tmp_path)) == 0
+    error = capsys.readouterr().err
+    line, = [line for line in error.split("\n") if "to write" in line]
+    assert re.fullmatch(r"\r*fastcap extract: about [\d.]+ KiB to write \(estimated from the first batch\), "
+                        r"[\d.]+ [KMGT]iB free", line), repr(line)
+    start = error.index(line)
+    assert "%|" not in error[:start] and "extract: 100%|" in error[start:]  # the bar only after it
