@@ -96,9 +96,10 @@ def extract(
             are bit-identical to full forwards. Pass False for models whose later layers have
             side effects you need.
         check_space: after the first batch, before anything is written, the bytes still to
-            write are estimated (shown with the progress bar, and in ``fastcap extract``'s
-            summary); a disk with less free space is refused with an ``OSError`` naming both
-            figures. False: go ahead anyway.
+            write are estimated (printed before the progress bar, and in ``fastcap extract``'s
+            summary; token rows from the dataset's ``token_counts``, each item's real tokens,
+            when it has them); a disk with less free space is refused with an ``OSError``
+            naming both figures. False: go ahead anyway.
 
     Every key whose rows are float vectors gets running statistics (count, per-channel mean,
     variance, min, max, mean row norm), merged over shards and ranks: ``store.stats[key]``.
@@ -168,7 +169,8 @@ def extract_with_stats(model, data, layers, reduce, *, out, k, channel_dim, dtyp
         show_bar = show_progress(progress, group.rank)
         if on_estimate is None and show_bar:
             on_estimate = print_estimate
-        writer = ShardWriter(rank_dir, shard_size, source.rank_samples, check_space, on_estimate)
+        writer = ShardWriter(rank_dir, shard_size, source.rank_samples, check_space, on_estimate,
+                             source.rank_tokens)
         stats = _run_rank(model, cap, device, source, rank_dir, writer, show_bar,
                           forward or _default_forward)
         group.barrier()

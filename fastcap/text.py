@@ -30,6 +30,7 @@ torchrun):
 Items are dicts of int64 ``[T]`` tensors (``input_ids``, ``attention_mask``[, ``position_ids``])
 that the default collate stacks; ids are stored as one int32 array. ``dataset.extract_spec``
 says which choices made the rows; extract() records it and refuses a resume that differs.
+``dataset.token_counts`` holds each row's real tokens: extract() estimates its output from them.
 """
 
 from __future__ import annotations
@@ -219,6 +220,11 @@ class PackedText(Dataset):
         """The choices that determine the rows (JSON-able), recorded by extract()."""
         return dict(self._spec)
 
+    @property
+    def token_counts(self) -> np.ndarray:
+        """The real tokens of each row (int64 ``[len]``): all ``context`` of them."""
+        return np.full(self._rows, self.context, dtype=np.int64)
+
     def __len__(self) -> int:
         return self._rows
 
@@ -255,6 +261,11 @@ class PaddedText(Dataset):
     def extract_spec(self) -> dict:
         """The choices that determine the rows (JSON-able), recorded by extract()."""
         return dict(self._spec)
+
+    @property
+    def token_counts(self) -> np.ndarray:
+        """The real tokens of each row (int64 ``[len]``): its document's, truncated to ``context``."""
+        return np.diff(self._corpus.offsets)
 
     def __len__(self) -> int:
         return self._corpus.documents

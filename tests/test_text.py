@@ -443,3 +443,38 @@ def test_the_estimate_is_printed_before_the_progress_bar(tmp_path, capsys):
                         r"[\d.]+ [KMGT]iB free", line), repr(line)
     start = error.index(line)
     assert "%|" not in error[:start] and "extract: 100%|" in error[start:]  # the bar only after it
+
+
+def _growing_corpus(path) -> str:
+    """24 documents of 1, 1, 2, 2, ... 12 words: the first batch is far shorter than the rest."""
+    words = [" ".join(WORDS[:1 + i // 2]) for i in range(24)]
+    path.write_text("".join(json.dumps({"text": text}) + "\n" for text in words))
+    return str(path)
+
+
+@pytest.mark.parametrize("kind", ["padded", "padded-skip", "packed", "images"])
+def test_the_estimate_is_close_to_the_written_size(tmp_path, kind):
+    """The disk check relies on it: within 10% of the .npy bytes on disk, padded rows included."""
+    from test_extract import worker
+
+    from fastcap.extract import extract_with_stats
+
+    if kind == "images":
+        model, layers, reduce, tokens = worker.tiny_model(), worker.LAYERS, worker.REDUCE, None
+        data = worker.Images(40)
+    else:
+        model, tokens = random_model(), fastcap.Tokens()
+        layers, reduce = {"rows": "transformer.h.1", "pool": "transformer.h.1"}, {"rows": "tokens", "pool": "mean"}
+        if kind.startswith("padded"):  # the first batch holds 6 tokens of the corpus's 156
+            data = make_text_dataset(_growing_corpus(tmp_path / "c.jsonl"), context=16,
+                                     tokenizer=save_tokenizer(tmp_path / "tok"), config=model.config)
+            if kind == "padded-skip":  # one per document, as a BOS: 4 of the first 6 tokens, 24 of 156
+                tokens = fastcap.Tokens(skip_ids=[4 + WORDS.index("the")])
+        else:
+            data = make_text_dataset("fake-text:12", context=16, pack=True, config=model.config)
+            tokens = fastcap.Tokens(skip_ids=[BOS])  # BOS starts each row and separates documents
+    _, stats = extract_with_stats(model, DataLoader(data, batch_size=4), layers, reduce, out=tmp_path / "out",
+                                  k=None, channel_dim=-1 if tokens else 1, dtype=None, select=None, shard_size=8,
+                                  overwrite=False, progress=False, forward=None, depth=4, tokens=tokens)
+    written = sum(path.stat().st_size for path in (tmp_path / "out").rglob("*.npy"))
+    assert 0.97 <= stats["estimated_bytes"] / written <= 1.1, (stats["estimated_bytes"], written)
