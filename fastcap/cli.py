@@ -110,10 +110,13 @@ def _add_extract_arguments(parser: argparse.ArgumentParser) -> None:
     what.add_argument("--model", required=True, metavar="SPEC",
                       help="torchvision name (resnet50, torchvision:vit_b_16), a module:function "
                            "factory (my_pkg.models:build), a TorchScript / torch.save'd model "
-                           "file (torch.save'd modules are unpickled: only your own files), "
+                           "file (torch.save'd modules need --trust-pickle), "
                            "hf:DIR (a local Hugging Face model directory), or "
                            "hf-random:NAME?key=value&... (a Hugging Face architecture with random "
                            "weights, e.g. 'hf-random:gpt2?n_layer=4&n_embd=256')")
+    what.add_argument("--trust-pickle", action="store_true",
+                      help="load a --model file saved with torch.save(model) by full unpickling, which "
+                           "runs any code the file names: only for files you trust")
     what.add_argument("--model-dtype", choices=list(MODEL_DTYPES),
                       help="dtype of hf: / hf-random: models (default: as saved for hf:, fp32)")
     what.add_argument("--weights", metavar="PATH",
@@ -208,7 +211,7 @@ def _run_extract(args: argparse.Namespace) -> int:
         text = _check_data_flags(args)
         _check_k(args)
         torch.manual_seed(args.seed)
-        model = load_model(args.model, args.weights, device, args.model_dtype)
+        model = load_model(args.model, args.weights, device, args.model_dtype, trust_pickle=args.trust_pickle)
         dataset = _text_dataset(args, model) if text else _image_dataset(args)
         layers = _layer_spec(args.layers)
         loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=False,

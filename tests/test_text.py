@@ -366,6 +366,50 @@ def test_k_errors_name_the_flags(tmp_path, capsys, args, message):
     assert not tmp_path.joinpath("manifest.json").exists()
 
 
+def test_hf_models_and_tokenizers_never_trust_remote_code(tmp_path, monkeypatch):
+    """Every Hugging Face entry point fastcap calls is told trust_remote_code=False: a model
+    directory's own code never runs, and never prompts."""
+    from fastcap.text import load_tokenizer
+
+    calls = []
+
+    def recording(owner, name):
+        original = getattr(owner, name)
+
+        def call(*args, **kwargs):
+            calls.append((f"{owner.__name__}.{name}", kwargs.get("trust_remote_code")))
+            return original(*args, **kwargs)
+        monkeypatch.setattr(owner, name, call)
+
+    for owner in (transformers.AutoConfig, transformers.AutoModelForCausalLM, transformers.AutoModel,
+                  transformers.AutoTokenizer):
+        recording(owner, "from_pretrained")
+    for owner in (transformers.AutoModelForCausalLM, transformers.AutoModel):
+        recording(owner, "from_config")
+    model_dir = tmp_path / "lm"
+    random_model().save_pretrained(model_dir)
+    save_tokenizer(model_dir)
+    load_model(f"hf:{model_dir}")
+    load_model(MODEL)
+    load_tokenizer(str(model_dir))
+    assert {name for name, _ in calls} == {"AutoConfig.from_pretrained", "AutoModelForCausalLM.from_pretrained",
+                                           "AutoModelForCausalLM.from_config", "AutoTokenizer.from_pretrained"}
+    assert all(trust is False for _, trust in calls), calls
+
+    # A directory whose config asks for its own code: refused, and its code never runs.
+    custom = tmp_path / "custom"
+    custom.mkdir()
+    (custom / "config.json").write_text(json.dumps({"model_type": "my-own", "auto_map": {
+        "AutoConfig": "configuration_mine.MyConfig", "AutoModelForCausalLM": "modeling_mine.MyModel"}}))
+    ran = tmp_path / "ran"
+    for module in ("configuration_mine", "modeling_mine"):
+        (custom / f"{module}.py").write_text(f"import os\nos.mkdir({str(ran)!r})\n")
+    with pytest.raises(ValueError, match=r"needs code of its own from .* \(its config's auto_map\), and fastcap "
+                                         r"never runs a model directory's code"):
+        load_model(f"hf:{custom}")
+    assert not ran.exists()
+
+
 def test_model_dtype_and_help(capsys):
     torch.manual_seed(0)
     assert next(load_model(MODEL, dtype="bf16").parameters()).dtype == torch.bfloat16
