@@ -332,7 +332,7 @@ def test_cli_help_documents_every_flag():
     assert run.returncode == 0, run.stderr
     for flag in ("--model", "--weights", "--data", "--image-size", "--layers", "--reduce", "--k",
                  "--channel-dim", "--dtype", "--batch-size", "--num-workers", "--device", "--out",
-                 "--overwrite", "--progress", "--shard-size", "examples:", "fastcap.open"):
+                 "--overwrite", "--progress", "--shard-size", "--trust-pickle", "examples:", "fastcap.open"):
         assert flag in run.stdout, flag
     top = _run(["-m", "fastcap", "--help"])
     assert top.returncode == 0 and "extract" in top.stdout and "bench" in top.stdout
