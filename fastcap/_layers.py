@@ -117,7 +117,8 @@ def _with_parents(pattern: str, names: Sequence[str]) -> str:
         return ", ".join(repr(parent + pattern) for parent in parents)
     if glob:
         return repr("**." + pattern)
-    return f"{parents[0] + pattern!r}, {parents[1] + pattern!r}, ... ({'**.' + pattern!r} for all {len(parents)})"
+    first, second = (parent + pattern for parent in parents[:2])
+    return f"{first!r}, {second!r}, ... ({'**.' + pattern!r} for all {len(parents)})"
 
 
 def _expand(model: nn.Module, pattern: str, names: List[str]) -> List[str]:

@@ -16,7 +16,8 @@ from fastcap.store._writer import size_text
 TOKEN_ONLY = ("tokens", "max", "first", "last")
 REDUCE_MODES = ("full", "mean", "topk", *TOKEN_ONLY)
 #: flags for text data only (their defaults are None/False so that "given" can be told).
-_TEXT_FLAGS = ("tokenizer", "text_field", "encoding", "context", "pack", "padding", "tokens", "skip_ids", "start")
+_TEXT_FLAGS = ("tokenizer", "text_field", "encoding", "context", "pack", "padding", "tokens", "skip_ids",
+               "start")
 
 
 EXTRACT_EPILOG = """\
@@ -211,7 +212,8 @@ def _run_extract(args: argparse.Namespace) -> int:
         text = _check_data_flags(args)
         _check_k(args)
         torch.manual_seed(args.seed)
-        model = load_model(args.model, args.weights, device, args.model_dtype, trust_pickle=args.trust_pickle)
+        model = load_model(args.model, args.weights, device, args.model_dtype,
+                           trust_pickle=args.trust_pickle)
         dataset = _text_dataset(args, model) if text else _image_dataset(args)
         layers = _layer_spec(args.layers)
         loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=False,

@@ -136,7 +136,8 @@ def _hf_random_model(spec: str, dtype: str | None) -> torch.nn.Module:
     config = CONFIG_MAPPING[name](**kwargs)
     config.use_cache = False
     try:
-        return _hf_class(config).from_config(config, dtype=MODEL_DTYPES[dtype or "fp32"], trust_remote_code=False)
+        return _hf_class(config).from_config(config, dtype=MODEL_DTYPES[dtype or "fp32"],
+                                             trust_remote_code=False)
     except (ValueError, TypeError, AttributeError) as error:  # e.g. n_embd not divisible by n_head
         raise ValueError(f"--model {spec!r}: cannot build the model: {error}") from error
 

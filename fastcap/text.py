@@ -181,10 +181,10 @@ def make_text_dataset(spec: str, *, context: int, pack: bool = False, padding: s
                           show=show_progress(progress))
     pad = None if pack else (special.pad if special.pad is not None else 0)
     # The choices first, then what they made: a resume that differs is told the choice first.
-    # The encoding only when not UTF-8: stores made before it was a choice resume unchanged.
-    encoded = {"encoding": corpus.source["encoding"]} if corpus.source["encoding"] not in (None, "utf-8") else {}
+    # Text files' encoding only when not UTF-8: stores made before it was a choice resume as they were.
+    read_as = {"encoding": encoding} if corpus.source["encoding"] and encoding != "utf-8" else {}
     spec = {"corpus": corpus.source["corpus"], "path": corpus.source["path"],
-            "text_field": corpus.source["text_field"], **encoded, "tokenizer": _tokenizer_path(tokenizer),
+            "text_field": corpus.source["text_field"], **read_as, "tokenizer": _tokenizer_path(tokenizer),
             "context": context, "pack": pack, "padding": None if pack else padding,
             "bos_id": bos if pack else None, "pad_id": pad, "position_ids": bool(position_ids and not pack),
             **corpus.facts}
@@ -425,8 +425,8 @@ def _parsed_lines(path: Path, text_field: str, encoding: str):
             yield text
 
 
-def _tokenized_documents(files: list, tokenizer, text_field: str, encoding: str, add_special_tokens: bool,
-                         show: bool) -> list:
+def _tokenized_documents(files: list, tokenizer, text_field: str, encoding: str,
+                         add_special_tokens: bool, show: bool) -> list:
     from tqdm.auto import tqdm
 
     pieces = []
