@@ -89,11 +89,36 @@ def glob_to_regex(pattern: str) -> "re.Pattern[str]":
 
 
 def _suggest(name: str, names: Sequence[str]) -> str:
+    """What to write instead: the names (or glob) ``name`` ends, else the closest names."""
+    whole = _with_parents(name, names)
+    if whole:
+        return "did you mean " + whole + "?"
     close = difflib.get_close_matches(name, names, n=3, cutoff=0.5)
     if close:
         return "did you mean " + ", ".join(repr(c) for c in close) + "?"
     preview = ", ".join(repr(n) for n in names[:8])
     return f"its modules include {preview}{', ...' if len(names) > 8 else ''}"
+
+
+def _with_parents(pattern: str, names: Sequence[str]) -> str:
+    """The pattern with the parents it was given without, when it is the dotted end of some
+    module names (``h.1`` -> ``'transformer.h.1'``, as Hugging Face models nest their blocks);
+    "" when it is not."""
+    ends = re.compile(r"((?:[^.]+\.)+)" + glob_to_regex(pattern).pattern)
+    parents: List[str] = []
+    for name in names:
+        match = ends.fullmatch(name)
+        if match and match.group(1) not in parents:
+            parents.append(match.group(1))
+    glob = bool(_GLOB_CHARS.search(pattern))
+    if not parents:
+        return ""
+    if len(parents) == 1 or (len(parents) <= 3 and not glob):
+        return ", ".join(repr(parent + pattern) for parent in parents)
+    if glob:
+        return repr("**." + pattern)
+    first, second = (parent + pattern for parent in parents[:2])
+    return f"{first!r}, {second!r}, ... ({'**.' + pattern!r} for all {len(parents)})"
 
 
 def _expand(model: nn.Module, pattern: str, names: List[str]) -> List[str]:

@@ -53,6 +53,8 @@ class MapSource:
 
     ``spec``: the dataset's ``extract_spec`` (a JSON-able dict of how its items are made, e.g.
     tokenization and packing, recorded in the manifest and checked on resume), or None.
+    ``rank_tokens``: the real tokens of each of this rank's samples, in order, from the
+    dataset's ``token_counts`` (the text datasets have them), or None.
 
     ``positions`` are places in the global (all-rank) order; under torch.distributed rank r
     holds positions r, r + W, ... of the DistributedSampler's padded list, and positions
@@ -81,6 +83,8 @@ class MapSource:
         if loader.drop_last and self.plan and len(self.plan[-1][0]) < self.batch_size:
             self.plan.pop()
             self.rank_samples = sum(len(b) for b, _ in self.plan)
+        counts = getattr(loader.dataset, "token_counts", None)
+        self.rank_tokens = None if counts is None else np.asarray(counts)[indices[:self.rank_samples]]
 
     @staticmethod
     def _order(loader: DataLoader) -> np.ndarray:
@@ -120,6 +124,7 @@ class IterableSource:
     kind = "iterable"
     num_samples = None
     rank_samples = None
+    rank_tokens = None
     batch_size = None
     order_digest = None
 

@@ -16,7 +16,8 @@ from fastcap.store._writer import size_text
 TOKEN_ONLY = ("tokens", "max", "first", "last")
 REDUCE_MODES = ("full", "mean", "topk", *TOKEN_ONLY)
 #: flags for text data only (their defaults are None/False so that "given" can be told).
-_TEXT_FLAGS = ("tokenizer", "text_field", "context", "pack", "padding", "tokens", "skip_ids", "start")
+_TEXT_FLAGS = ("tokenizer", "text_field", "encoding", "context", "pack", "padding", "tokens", "skip_ids",
+               "start")
 
 
 EXTRACT_EPILOG = """\
@@ -110,10 +111,13 @@ def _add_extract_arguments(parser: argparse.ArgumentParser) -> None:
     what.add_argument("--model", required=True, metavar="SPEC",
                       help="torchvision name (resnet50, torchvision:vit_b_16), a module:function "
                            "factory (my_pkg.models:build), a TorchScript / torch.save'd model "
-                           "file (torch.save'd modules are unpickled: only your own files), "
+                           "file (torch.save'd modules need --trust-pickle), "
                            "hf:DIR (a local Hugging Face model directory), or "
                            "hf-random:NAME?key=value&... (a Hugging Face architecture with random "
                            "weights, e.g. 'hf-random:gpt2?n_layer=4&n_embd=256')")
+    what.add_argument("--trust-pickle", action="store_true",
+                      help="load a --model file saved with torch.save(model) by full unpickling, which "
+                           "runs any code the file names: only for files you trust")
     what.add_argument("--model-dtype", choices=list(MODEL_DTYPES),
                       help="dtype of hf: / hf-random: models (default: as saved for hf:, fp32)")
     what.add_argument("--weights", metavar="PATH",
@@ -139,6 +143,8 @@ def _add_extract_arguments(parser: argparse.ArgumentParser) -> None:
                            "model's directory, when it holds one)")
     text.add_argument("--text-field", metavar="NAME", help="field of a .jsonl record holding the "
                                                          "text (default: text)")
+    text.add_argument("--encoding", metavar="CODEC",
+                      help="text encoding of .jsonl/.txt data, e.g. latin-1 (default: utf-8)")
     text.add_argument("--context", type=int, metavar="T", help="tokens per row")
     text.add_argument("--pack", action="store_true",
                       help="pack documents into rows of exactly T tokens: doc1 BOS doc2 BOS ... cut "
@@ -204,8 +210,10 @@ def _run_extract(args: argparse.Namespace) -> int:
     try:
         device = _device(args.device)
         text = _check_data_flags(args)
+        _check_k(args)
         torch.manual_seed(args.seed)
-        model = load_model(args.model, args.weights, device, args.model_dtype)
+        model = load_model(args.model, args.weights, device, args.model_dtype,
+                           trust_pickle=args.trust_pickle)
         dataset = _text_dataset(args, model) if text else _image_dataset(args)
         layers = _layer_spec(args.layers)
         loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=False,
@@ -251,6 +259,19 @@ def _check_data_flags(args: argparse.Namespace) -> bool:
     return False
 
 
+def _check_k(args: argparse.Namespace) -> None:
+    """--k against --reduce, in the command line's terms (extract() would name k=)."""
+    default, overrides = args.reduce
+    topk = (["topk"] if default == "topk" else []) + [f"{key}=topk" for key, mode in overrides.items()
+                                                      if mode == "topk"]
+    if topk and args.k is None:
+        raise ValueError(f"--reduce {topk[0]} needs --k, the channels to keep (e.g. --k 8)")
+    if args.k is not None and not topk:
+        raise ValueError(f"--k {args.k} is given, but no --reduce mode is topk")
+    if args.k is not None and args.k < 1:
+        raise ValueError(f"--k must be >= 1, got {args.k}")
+
+
 def _image_dataset(args: argparse.Namespace):
     from fastcap.models import make_dataset
 
@@ -269,7 +290,8 @@ def _text_dataset(args: argparse.Namespace, model):
     return make_text_dataset(
         args.data, context=args.context, pack=args.pack, padding=args.padding or "right",
         tokenizer=args.tokenizer or tokenizer_dir(args.model), text_field=args.text_field or "text",
-        config=getattr(model, "config", None), position_ids=takes_positions, progress=args.progress)
+        encoding=args.encoding or "utf-8", config=getattr(model, "config", None),
+        position_ids=takes_positions, progress=args.progress)
 
 
 def _tokens(args: argparse.Namespace, dataset):

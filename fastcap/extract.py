@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import math
 import os
 import shutil
 import sys
@@ -96,9 +97,10 @@ def extract(
             are bit-identical to full forwards. Pass False for models whose later layers have
             side effects you need.
         check_space: after the first batch, before anything is written, the bytes still to
-            write are estimated (shown with the progress bar, and in ``fastcap extract``'s
-            summary); a disk with less free space is refused with an ``OSError`` naming both
-            figures. False: go ahead anyway.
+            write are estimated (printed before the progress bar, and in ``fastcap extract``'s
+            summary; token rows from the dataset's ``token_counts``, each item's real tokens,
+            when it has them); a disk with less free space is refused with an ``OSError``
+            naming both figures. False: go ahead anyway.
 
     Every key whose rows are float vectors gets running statistics (count, per-channel mean,
     variance, min, max, mean row norm), merged over shards and ranks: ``store.stats[key]``.
@@ -171,7 +173,8 @@ def extract_with_stats(model, data, layers, reduce, *, out, k, channel_dim, dtyp
         show_bar = show_progress(progress, group.rank)
         if on_estimate is None and show_bar:
             on_estimate = print_estimate
-        writer = ShardWriter(rank_dir, shard_size, source.rank_samples, check_space, on_estimate)
+        writer = ShardWriter(rank_dir, shard_size, source.rank_samples, check_space, on_estimate,
+                             source.rank_tokens)
         stats = _run_rank(model, cap, device, source, rank_dir, writer, show_bar,
                           forward or _default_forward)
         group.barrier()
@@ -218,8 +221,14 @@ def _run_rank(model, cap, device, source, rank_dir, writer, show_progress, forwa
                       "call model.eval() first for reproducible features", UserWarning, stacklevel=4)
     batches = source.batches(rank_dir.committed_batches, pin=device.type == "cuda")
     started = time.perf_counter()
+    # An estimate to report comes before the bar is first drawn: written over a drawn bar, it
+    # would stay in the middle of the bar's line in a log, where "\r" erases nothing.
+    estimate_first = show_progress and writer.on_estimate is not None and writer.expected_samples is not None
     with tqdm(total=source.rank_samples, initial=rank_dir.committed_samples, unit="item",
-              desc="extract", disable=not show_progress, file=sys.stderr, dynamic_ncols=True) as bar:
+              desc="extract", disable=not show_progress, file=sys.stderr, dynamic_ncols=True,
+              delay=math.inf if estimate_first else 0) as bar:
+        if estimate_first:
+            writer.on_estimate = _then_draw(writer.on_estimate, bar)
         with torch.inference_mode(), cap:
             input_tokens = _forward_all(model, cap, batches, writer, device, forward, bar)
             if writer.samples == 0 and rank_dir.committed_samples == 0 and source.num_samples is None:
@@ -287,6 +296,15 @@ def _input_tokens(batch):
     if isinstance(mask, torch.Tensor):
         return mask.sum()
     return ids.numel() if isinstance(ids, torch.Tensor) else 0
+
+
+def _then_draw(on_estimate, bar):
+    """``on_estimate``, then the bar drawn from then on (it was made with an endless delay)."""
+    def report(estimated: int, free: int) -> None:
+        on_estimate(estimated, free)
+        bar.delay = 0
+        bar.refresh()
+    return report
 
 
 def print_estimate(estimated: int, free: int) -> None:

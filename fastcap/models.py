@@ -4,7 +4,8 @@ the model and the dataset a ``--model`` / ``--data`` string names.
 Model specs (``--model``):
     ``resnet50`` or ``torchvision:resnet50``   a torchvision architecture, random init
     ``my_pkg.models:build``                    a factory: ``build()`` returns the nn.Module
-    ``model.pt``                               a TorchScript archive or a ``torch.save``'d module
+    ``model.pt``                               a TorchScript archive, or a ``torch.save``'d module
+                                               (unpickled only with ``trust_pickle``)
     ``hf:path/to/model``                       a local Hugging Face model directory
     ``hf-random:gpt2?n_layer=4&n_embd=256``    a Hugging Face architecture, random init, its
                                                config's defaults changed by key=value pairs
@@ -12,7 +13,8 @@ Model specs (``--model``):
 ``--weights`` loads a state dict into it; nothing is ever downloaded. Hugging Face models are
 the causal-LM class of their config (``AutoModelForCausalLM``; ``AutoModel`` for configs that
 have none), with ``config.use_cache = False`` (extraction keeps no KV cache); ``--layers`` takes
-their module names (``transformer.h.2`` in GPT2LMHeadModel).
+their module names (``transformer.h.2`` in GPT2LMHeadModel). No code from a file or a model
+directory runs: a pickled module needs ``trust_pickle``, and ``trust_remote_code`` is always off.
 
 Data specs (``--data``):
     ``fake:N``                                 N deterministic synthetic images (FakeImages)
@@ -45,12 +47,14 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def load_model(spec: str, weights: str | None = None, device: str | torch.device = "cpu",
-               dtype: str | None = None) -> torch.nn.Module:
+               dtype: str | None = None, *, trust_pickle: bool = False) -> torch.nn.Module:
     """Build the model named by ``spec``, load ``weights`` if given, move it to ``device``, eval().
 
     Seed the RNG first (``torch.manual_seed``) for reproducible random weights. ``dtype``
     (``"bf16"``, ``"fp16"``, ``"fp32"``) is for Hugging Face models only; by default hf:
-    loads the dtype it was saved in and hf-random builds float32.
+    loads the dtype it was saved in and hf-random builds float32. ``trust_pickle``: load a
+    module saved whole with ``torch.save`` by full unpickling, which runs any code the file
+    names (only for files you trust); without it such a file is a ValueError saying so.
 
     Example:
         >>> torch.manual_seed(0)
@@ -67,7 +71,7 @@ def load_model(spec: str, weights: str | None = None, device: str | torch.device
     elif dtype is not None:
         raise ValueError(f"--model-dtype {dtype} is for hf: and hf-random: models, not --model {spec!r}")
     else:
-        model = _build(spec)
+        model = _build(spec, trust_pickle)
     if weights is not None:
         _load_weights(model, weights)
     return model.to(device).eval()
@@ -94,12 +98,17 @@ def _hf_model(spec: str, dtype: str | None) -> torch.nn.Module:
         raise ValueError(f"--model {spec!r}: {path!r} is not a directory; hf:PATH takes a local Hugging "
                          "Face model directory (as written by save_pretrained), nothing is downloaded")
     try:
-        config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
+        # trust_remote_code=False, not the default None: None may prompt on a terminal.
+        config = transformers.AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
         config.use_cache = False
         return _hf_class(config).from_pretrained(
-            path, config=config, local_files_only=True,
+            path, config=config, local_files_only=True, trust_remote_code=False,
             dtype=MODEL_DTYPES[dtype] if dtype else "auto")  # "auto": as saved
     except (OSError, ValueError, KeyError) as error:
+        if "trust_remote_code" in str(error):
+            raise ValueError(f"--model {spec!r}: the model needs code of its own from {path!r} (its config's "
+                             "auto_map), and fastcap never runs a model directory's code: build the model "
+                             "in your own script and pass it to fastcap.extract()") from error
         raise ValueError(f"--model {spec!r}: cannot load a Hugging Face model: {error}") from error
 
 
@@ -127,7 +136,8 @@ def _hf_random_model(spec: str, dtype: str | None) -> torch.nn.Module:
     config = CONFIG_MAPPING[name](**kwargs)
     config.use_cache = False
     try:
-        return _hf_class(config).from_config(config, dtype=MODEL_DTYPES[dtype or "fp32"])
+        return _hf_class(config).from_config(config, dtype=MODEL_DTYPES[dtype or "fp32"],
+                                             trust_remote_code=False)
     except (ValueError, TypeError, AttributeError) as error:  # e.g. n_embd not divisible by n_head
         raise ValueError(f"--model {spec!r}: cannot build the model: {error}") from error
 
@@ -152,9 +162,9 @@ def _parse_value(text: str):
     return text
 
 
-def _build(spec: str) -> torch.nn.Module:
+def _build(spec: str, trust_pickle: bool) -> torch.nn.Module:
     if os.path.isfile(spec):
-        return _load_model_file(spec)
+        return _load_model_file(spec, trust_pickle)
     if spec.startswith("torchvision:"):
         return _torchvision_model(spec.split(":", 1)[1], spec)
     if ":" in spec:
@@ -202,8 +212,8 @@ def _factory_model(spec: str) -> torch.nn.Module:
     return model
 
 
-def _load_model_file(path: str) -> torch.nn.Module:
-    """A TorchScript archive, or a whole module saved with torch.save (trusted files only)."""
+def _load_model_file(path: str, trust_pickle: bool) -> torch.nn.Module:
+    """A TorchScript archive, or a whole module saved with torch.save (with trust_pickle only)."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)  # "torch.jit.load is deprecated"
@@ -212,8 +222,10 @@ def _load_model_file(path: str) -> torch.nn.Module:
         pass
     try:
         loaded = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        # A pickled nn.Module needs full unpickling, which can run code: only for your own files.
+    except pickle.UnpicklingError as error:
+        # A pickled nn.Module needs full unpickling, which can run any code: only when asked.
+        if not trust_pickle:
+            raise ValueError(_untrusted_pickle(path)) from error
         loaded = torch.load(path, map_location="cpu", weights_only=False)
     if isinstance(loaded, torch.nn.Module):
         return loaded
@@ -223,6 +235,42 @@ def _load_model_file(path: str) -> torch.nn.Module:
             f"--model (e.g. resnet50 or my_pkg.models:build) and pass this file as --weights"
         )
     raise ValueError(f"--model {path!r} holds a {type(loaded).__name__}, not a model")
+
+
+def _untrusted_pickle(path: str) -> str:
+    """Why a file torch.load(weights_only=True) refused was not loaded, and what --trust-pickle does."""
+    what = _pickled_class(path)
+    risk = ("full unpickling runs any code the file names: a file from someone else can do anything "
+            "your account can")
+    if what is None:  # not a zip torch.save wrote (an older format, or no torch file at all)
+        return (f"--model {path!r} is neither TorchScript nor what torch.load(weights_only=True) reads; if it "
+                f"is a model saved whole with torch.save and you trust the file, pass --trust-pickle ({risk})")
+    return (f"--model {path!r} holds a pickled {what} (a whole object saved with torch.save), which "
+            f"loads only by full unpickling, and {risk}. If you trust this file, pass --trust-pickle "
+            "(load_model(..., trust_pickle=True)); or save the model as TorchScript, or its "
+            "state_dict() for --weights with the architecture as --model")
+
+
+def _pickled_class(path: str) -> str | None:
+    """The first global a torch.save file's pickle names (the saved object's class), read from
+    its opcodes without running any; None when it is no such file."""
+    import pickletools
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            data = archive.read(next(name for name in archive.namelist() if name.endswith("/data.pkl")))
+        strings = []
+        for opcode, argument, _ in pickletools.genops(data):
+            if opcode.name == "GLOBAL":
+                return argument.replace(" ", ".")
+            if opcode.name == "STACK_GLOBAL" and len(strings) >= 2:
+                return ".".join(strings[-2:])
+            if isinstance(argument, str):
+                strings.append(argument)
+    except (OSError, ValueError, StopIteration, zipfile.BadZipFile):
+        return None
+    return None
 
 
 def _load_weights(model: torch.nn.Module, path: str) -> None:

@@ -4,6 +4,7 @@ tokenized up front into a map-style Dataset of fixed-length rows, ready for extr
 Corpus specs (``--data``):
     ``corpus.jsonl``        one document per line: the string in field ``text_field`` ("text")
     ``corpus.txt``          one document per non-empty line
+                            (.jsonl and .txt are read as UTF-8 unless ``encoding`` says otherwise)
     ``path/to/folder``      the .txt and .jsonl files directly in it, in sorted name order
     ``ids.npy``             token ids: 1-D is one document, 2-D ``[N, L]`` is N documents
     ``fake-text:N``         N deterministic random documents of 1..256 tokens (document i drawn
@@ -29,6 +30,7 @@ torchrun):
 Items are dicts of int64 ``[T]`` tensors (``input_ids``, ``attention_mask``[, ``position_ids``])
 that the default collate stacks; ids are stored as one int32 array. ``dataset.extract_spec``
 says which choices made the rows; extract() records it and refuses a resume that differs.
+``dataset.token_counts`` holds each row's real tokens: extract() estimates its output from them.
 """
 
 from __future__ import annotations
@@ -79,7 +81,7 @@ def load_tokenizer(path: str):
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(path, local_files_only=True)
+        return AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
     except (OSError, ValueError) as error:
         raise ValueError(f"--tokenizer {path!r}: cannot load a tokenizer: {error}") from error
 
@@ -132,8 +134,8 @@ def special_ids(tokenizer=None, config=None) -> SpecialIds:
 
 
 def make_text_dataset(spec: str, *, context: int, pack: bool = False, padding: str = "right",
-                      tokenizer=None, text_field: str = "text", config=None, position_ids: bool = False,
-                      progress: bool | None = None) -> "PackedText | PaddedText":
+                      tokenizer=None, text_field: str = "text", encoding: str = "utf-8", config=None,
+                      position_ids: bool = False, progress: bool | None = None) -> "PackedText | PaddedText":
     """The rows of ``context`` tokens the corpus ``spec`` makes (see the module docstring).
 
     Args:
@@ -144,6 +146,8 @@ def make_text_dataset(spec: str, *, context: int, pack: bool = False, padding: s
         tokenizer: a tokenizer directory (or a loaded tokenizer); needed for text, optional for
             ids (then it only supplies the special ids).
         text_field: the field of a .jsonl record that holds the text.
+        encoding: the text encoding of .jsonl / .txt files (e.g. "latin-1"); recorded in
+            ``extract_spec`` when it is not UTF-8.
         config: the model's config (``model.config``): special ids, and the vocabulary size
             (fake-text's ids; every corpus's ids are checked against it).
         position_ids: add ``position_ids`` to padded rows (when the model's forward takes them).
@@ -157,6 +161,7 @@ def make_text_dataset(spec: str, *, context: int, pack: bool = False, padding: s
         ...                          tokenizer="models/gpt2", position_ids=True)
     """
     _check_choices(context, pack, padding)
+    encoding = _encoding_name(encoding)
     positions = _config_value(config, "max_position_embeddings")
     if isinstance(positions, int) and context > positions:
         raise ValueError(f"--context {context} is longer than the model's {positions} positions "
@@ -171,13 +176,15 @@ def make_text_dataset(spec: str, *, context: int, pack: bool = False, padding: s
             "nor the model config has a bos_token_id or eos_token_id; pass a --tokenizer that has one, "
             "or use padding (--padding right)")
     vocab = _config_value(config, "vocab_size")
-    corpus = _read_corpus(spec, tokenizer, text_field, add_special_tokens=not pack,
+    corpus = _read_corpus(spec, tokenizer, text_field, encoding, add_special_tokens=not pack,
                           max_tokens=None if pack else context, vocab=vocab, special=special,
                           show=show_progress(progress))
     pad = None if pack else (special.pad if special.pad is not None else 0)
     # The choices first, then what they made: a resume that differs is told the choice first.
+    # Text files' encoding only when not UTF-8: stores made before it was a choice resume as they were.
+    read_as = {"encoding": encoding} if corpus.source["encoding"] and encoding != "utf-8" else {}
     spec = {"corpus": corpus.source["corpus"], "path": corpus.source["path"],
-            "text_field": corpus.source["text_field"], "tokenizer": _tokenizer_path(tokenizer),
+            "text_field": corpus.source["text_field"], **read_as, "tokenizer": _tokenizer_path(tokenizer),
             "context": context, "pack": pack, "padding": None if pack else padding,
             "bos_id": bos if pack else None, "pad_id": pad, "position_ids": bool(position_ids and not pack),
             **corpus.facts}
@@ -212,6 +219,11 @@ class PackedText(Dataset):
     def extract_spec(self) -> dict:
         """The choices that determine the rows (JSON-able), recorded by extract()."""
         return dict(self._spec)
+
+    @property
+    def token_counts(self) -> np.ndarray:
+        """The real tokens of each row (int64 ``[len]``): all ``context`` of them."""
+        return np.full(self._rows, self.context, dtype=np.int64)
 
     def __len__(self) -> int:
         return self._rows
@@ -250,6 +262,11 @@ class PaddedText(Dataset):
         """The choices that determine the rows (JSON-able), recorded by extract()."""
         return dict(self._spec)
 
+    @property
+    def token_counts(self) -> np.ndarray:
+        """The real tokens of each row (int64 ``[len]``): its document's, truncated to ``context``."""
+        return np.diff(self._corpus.offsets)
+
     def __len__(self) -> int:
         return self._corpus.documents
 
@@ -275,14 +292,12 @@ class PaddedText(Dataset):
 class _Corpus:
     """Documents as one int32 array and offsets (document i is ``ids[offsets[i]:offsets[i+1]]``)."""
 
-    def __init__(self, pieces: list, source: dict):
-        lengths = np.fromiter((len(p) for p in pieces), dtype=np.int64, count=len(pieces))
-        self.offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-        self.ids = np.concatenate(pieces).astype(np.int32) if pieces else np.zeros(0, dtype=np.int32)
+    def __init__(self, ids: np.ndarray, offsets: np.ndarray, source: dict):
+        self.ids, self.offsets = ids, offsets
         digest = hashlib.sha256(self.ids.tobytes())
         digest.update(self.offsets.tobytes())
-        self.source = source  # corpus, path, text_field, vocab_size
-        self.facts = {"vocab_size": source["vocab_size"], "documents": len(pieces),
+        self.source = source  # corpus, path, text_field, encoding, vocab_size
+        self.facts = {"vocab_size": source["vocab_size"], "documents": self.documents,
                       "tokens": int(len(self.ids)), "ids_digest": digest.hexdigest()[:16]}
 
     @property
@@ -293,9 +308,9 @@ class _Corpus:
         return self.ids[self.offsets[i]:self.offsets[i + 1]]
 
 
-def _read_corpus(spec: str, tokenizer, text_field: str, add_special_tokens: bool, max_tokens: int | None,
-                 vocab: int | None, special: SpecialIds, show: bool) -> _Corpus:
-    record = {"corpus": None, "path": None, "text_field": None, "vocab_size": vocab}
+def _read_corpus(spec: str, tokenizer, text_field: str, encoding: str, add_special_tokens: bool,
+                 max_tokens: int | None, vocab: int | None, special: SpecialIds, show: bool) -> _Corpus:
+    record = {"corpus": None, "path": None, "text_field": None, "encoding": None, "vocab_size": vocab}
     if spec.startswith("fake-text:"):
         count = spec.split(":", 1)[1]
         if not count.isdigit() or int(count) < 1:
@@ -324,14 +339,16 @@ def _read_corpus(spec: str, tokenizer, text_field: str, add_special_tokens: bool
         if tokenizer is None:
             raise ValueError(f"--data {spec!r} is text: pass --tokenizer DIR (a local tokenizer directory) "
                              "to tokenize it, or use an hf:DIR model whose directory holds one")
-        record.update(corpus=kind, path=os.path.abspath(spec),
+        record.update(corpus=kind, path=os.path.abspath(spec), encoding=encoding,
                       text_field=text_field if any(f.suffix.lower() == ".jsonl" for f in files) else None)
-        pieces = _tokenized_documents(files, tokenizer, text_field, add_special_tokens, show)
+        pieces = _tokenized_documents(files, tokenizer, text_field, encoding, add_special_tokens, show)
     if max_tokens is not None:
         pieces = [piece[:max_tokens] for piece in pieces]
-    corpus = _Corpus(pieces, record)
-    _check_ids(spec, corpus.ids, vocab)
-    return corpus
+    lengths = np.fromiter((len(p) for p in pieces), dtype=np.int64, count=len(pieces))
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    ids = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int32)
+    _check_ids(spec, ids, offsets, vocab)  # before the cast: int32 would wrap 2**32 + 7 to 7
+    return _Corpus(ids.astype(np.int32, copy=False), offsets, record)
 
 
 def _fake_documents(count: int, vocab: int, special: SpecialIds) -> list:
@@ -363,10 +380,33 @@ def _text_files(folder: Path) -> list:
     return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES)
 
 
-def _documents_of(path: Path, text_field: str):
+def _documents_of(path: Path, text_field: str, encoding: str):
     """The documents of one file: non-empty lines of a .txt, the text_field of each .jsonl line."""
+    try:
+        yield from _parsed_lines(path, text_field, encoding)
+    except UnicodeDecodeError as error:
+        raise ValueError(_decode_error(path, encoding, error)) from error
+
+
+def _decode_error(path: Path, encoding: str, error: UnicodeDecodeError) -> str:
+    """Which line does not decode (the file is read in blocks, so the error does not say), and
+    how to read it."""
+    where = f"not {encoding}"
+    with open(path, "rb") as file:
+        for number, line in enumerate(file, 1):
+            try:
+                line.decode(encoding)
+            except UnicodeDecodeError as bad:
+                byte = bad.object[bad.start]
+                where = f"line {number}: not {encoding} (byte 0x{byte:02x} at column {bad.start + 1})"
+                break
+    return (f"--data {str(path)!r} {where}: {error.reason}; pass the file's encoding with --encoding "
+            "(e.g. --encoding latin-1, or cp1252 for Windows text), or convert the file to UTF-8")
+
+
+def _parsed_lines(path: Path, text_field: str, encoding: str):
     jsonl = path.suffix.lower() == ".jsonl"
-    with open(path, encoding="utf-8") as file:
+    with open(path, encoding=encoding) as file:
         for number, line in enumerate(file, 1):
             if not line.strip():
                 continue
@@ -385,15 +425,15 @@ def _documents_of(path: Path, text_field: str):
             yield text
 
 
-def _tokenized_documents(files: list, tokenizer, text_field: str, add_special_tokens: bool,
-                         show: bool) -> list:
+def _tokenized_documents(files: list, tokenizer, text_field: str, encoding: str,
+                         add_special_tokens: bool, show: bool) -> list:
     from tqdm.auto import tqdm
 
     pieces = []
     with tqdm(desc="tokenize", unit="doc", disable=not show, file=sys.stderr, dynamic_ncols=True) as bar:
         for path in files:
             chunk = []
-            for text in _documents_of(path, text_field):
+            for text in _documents_of(path, text_field, encoding):
                 chunk.append(text)
                 if len(chunk) == _TOKENIZE_CHUNK:
                     pieces += _tokenize(tokenizer, chunk, add_special_tokens)
@@ -412,22 +452,36 @@ def _tokenize(tokenizer, texts: list, add_special_tokens: bool) -> list:
     return [np.asarray(ids, dtype=np.int32) for ids in encoded]
 
 
-def _check_ids(spec: str, ids: np.ndarray, vocab: int | None) -> None:
-    if not len(ids):
+def _check_ids(spec: str, ids: np.ndarray, offsets: np.ndarray, vocab: int | None) -> None:
+    """Every id in 0..vocab-1 (0..int32 max without a vocabulary); ValueError naming the first
+    that is not, and where it is."""
+    limit = vocab if vocab is not None else int(np.iinfo(np.int32).max) + 1
+    if not len(ids) or (int(ids.min()) >= 0 and int(ids.max()) < limit):
         return
-    low, high = int(ids.min()), int(ids.max())
-    if low < 0:
-        raise ValueError(f"--data {spec!r} holds the token id {low}; ids must be >= 0")
-    if vocab is not None and high >= vocab:
-        raise ValueError(f"--data {spec!r} holds the token id {high}, but the model's vocabulary has "
-                         f"{vocab} ids: is this the model's tokenizer?")
-    if high > np.iinfo(np.int32).max:
-        raise ValueError(f"--data {spec!r} holds the token id {high}, beyond int32")
+    at = int(np.argmax((ids < 0) | (ids >= limit)))
+    document = int(np.searchsorted(offsets, at, side="right")) - 1
+    where = (f"--data {spec!r} holds the token id {int(ids[at])} "
+             f"(document {document}, token {at - offsets[document]})")
+    if vocab is not None:
+        raise ValueError(f"{where}, but the model's vocabulary has {vocab} ids (0..{vocab - 1}): is this "
+                         "the model's tokenizer?")
+    raise ValueError(f"{where}; ids must be >= 0" if ids[at] < 0 else f"{where}, beyond int32")
 
 
 # --------------------------------------------------------------------------------------------
 # Small helpers
 # --------------------------------------------------------------------------------------------
+
+
+def _encoding_name(encoding: str) -> str:
+    """The codec's canonical name ("UTF8" and "utf_8" are "utf-8"); ValueError when unknown."""
+    import codecs
+
+    try:
+        return codecs.lookup(encoding).name
+    except (LookupError, TypeError) as error:
+        raise ValueError(f"--encoding {encoding!r} is not a text encoding Python knows "
+                         "(e.g. utf-8, latin-1, cp1252)") from error
 
 
 def _check_choices(context, pack: bool, padding: str) -> None:

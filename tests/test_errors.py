@@ -43,6 +43,24 @@ def test_unknown_layer_suggests_close_names(model):
                            ["fc", "layer1.0.conv3"])
 
 
+def test_unknown_layer_suggests_the_full_names_it_ends(model):
+    """A name given without its parents (HF models' `h.1` for `transformer.h.1`) is suggested whole."""
+    nested = nn.Sequential()
+    nested.add_module("transformer", nn.Sequential())
+    nested.transformer.add_module("h", nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2)))
+    raises_at_construction(nested, ValueError, r"unknown layer 'h\.1' in Sequential: did you mean "
+                           r"'transformer\.h\.1'\?$", "h.1")
+    raises_at_construction(nested, ValueError, r"layer pattern 'h\.\*' matches no module of Sequential; did "
+                           r"you mean 'transformer\.h\.\*'\?$", "h.*")
+    raises_at_construction(model, ValueError, r"unknown layer '0\.downsample' in ResNet: did you mean "
+                           r"'layer2\.0\.downsample', 'layer3\.0\.downsample', 'layer4\.0\.downsample'\?$",
+                           "0.downsample")
+    raises_at_construction(model, ValueError, r"unknown layer 'conv2' in ResNet: did you mean 'layer1\.0\.conv2', "
+                           r"'layer1\.1\.conv2', \.\.\. \('\*\*\.conv2' for all 8\)\?$", "conv2")
+    raises_at_construction(model, ValueError, r"layer pattern '0\.conv\*' matches no module of ResNet; did you "
+                           r"mean '\*\*\.0\.conv\*'\?$", "0.conv*")
+
+
 def test_glob_matching_nothing(model):
     raises_at_construction(model, ValueError, r"layer pattern 'block\*' matches no module", "block*")
     raises_at_construction(model, ValueError, r"'layer\*\.9' matches no module", "layer*.9")

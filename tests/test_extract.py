@@ -332,7 +332,7 @@ def test_cli_help_documents_every_flag():
     assert run.returncode == 0, run.stderr
     for flag in ("--model", "--weights", "--data", "--image-size", "--layers", "--reduce", "--k",
                  "--channel-dim", "--dtype", "--batch-size", "--num-workers", "--device", "--out",
-                 "--overwrite", "--progress", "--shard-size", "examples:", "fastcap.open"):
+                 "--overwrite", "--progress", "--shard-size", "--trust-pickle", "examples:", "fastcap.open"):
         assert flag in run.stdout, flag
     top = _run(["-m", "fastcap", "--help"])
     assert top.returncode == 0 and "extract" in top.stdout and "bench" in top.stdout
@@ -367,6 +367,41 @@ def test_cli_model_and_data_specs(tmp_path):
         make_dataset("fake:x")
     with pytest.raises(ValueError, match="neither fake:N nor an existing image folder"):
         make_dataset(str(tmp_path / "missing"))
+
+
+class _RunsOnLoad:
+    """Unpickling it calls os.mkdir(path): what any code in a pickle could do."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return os.mkdir, (self.path,)
+
+
+def test_a_pickled_model_file_is_unpickled_only_with_trust_pickle(tmp_path, capsys):
+    from fastcap.cli import main
+    from fastcap.models import load_model
+
+    whole = tmp_path / "whole.pt"
+    torch.save(worker.tiny_model(), whole)
+    with pytest.raises(ValueError, match=r"holds a pickled torch\.nn\.modules\.container\.Sequential .*"
+                                         r"runs any code the file names.*--trust-pickle"):
+        load_model(str(whole))
+    assert isinstance(load_model(str(whole), trust_pickle=True), torch.nn.Sequential)
+    args = ["extract", "--model", str(whole), "--data", "fake:4", "--layers", "3", "--reduce", "mean",
+            "--out", str(tmp_path / "out")]
+    assert main(args) == 1
+    assert "holds a pickled torch.nn.modules.container.Sequential" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+    assert main([*args, "--trust-pickle"]) == 0
+    assert fastcap.open(tmp_path / "out")["3"].shape == (4, 16)
+
+    ran = tmp_path / "ran"
+    torch.save(_RunsOnLoad(ran), tmp_path / "evil.pt")
+    with pytest.raises(ValueError, match=r"holds a pickled posix\.mkdir"):
+        load_model(str(tmp_path / "evil.pt"))
+    assert not ran.exists()  # nothing in the file ran
 
 
 # ------------------------------------------------------------------ bounded memory

@@ -9,7 +9,7 @@ import errno
 import numpy as np
 import pytest
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, TensorDataset
 
 import fastcap
 from fastcap.extract import extract_with_stats
@@ -146,6 +146,31 @@ def test_resumed_stats_equal_an_uninterrupted_run(tmp_path):
     resumed = _extract(model, tmp_path / "resumed")
     clean = _extract(model, tmp_path / "clean")
     assert resumed.manifest["stats"] == clean.manifest["stats"]
+
+
+def test_stats_with_infinities_and_nan_equal_numpy(tmp_path):
+    """Non-finite rows spread over shards: each statistic is numpy's, bit for bit where it is inf
+    or nan (Chan's merge alone turns a shard's inf mean into nan)."""
+    rows = torch.randn(24, 8, dtype=torch.float64).float()
+    rows[1, 0] = rows[9, 0] = float("inf")  # column 0: +inf in two shards
+    rows[2, 1], rows[17, 1] = float("inf"), -float("inf")  # column 1: +inf and -inf in different shards
+    rows[10, 2] = float("nan")  # column 2: nan in the middle shard
+    rows[20, 3] = -float("inf")  # column 3: -inf in the last shard only
+    rows[4, 4], rows[5, 4] = float("inf"), -float("inf")  # column 4: both in one shard
+    rows[12, 5] = rows[21, 5] = float("nan")
+    rows[3, 5] = float("inf")  # column 5: inf, then nan in two more shards
+    rows[23, 6] = float("nan")  # column 6: nan in the last row; column 7 finite
+    model = torch.nn.Sequential(torch.nn.Identity()).eval()
+    store = fastcap.extract(model, DataLoader(TensorDataset(rows), batch_size=4), "0", "full", out=tmp_path,
+                            shard_size=8, progress=False)
+    for stats in (store.stats["0"], fastcap.open(tmp_path).stats["0"]):
+        with np.errstate(invalid="ignore"):
+            for name in ("mean", "var", "min", "max"):
+                got, want = getattr(stats, name), getattr(rows.double().numpy(), name)(0)
+                finite = np.isfinite(want)
+                np.testing.assert_array_equal(got[~finite], want[~finite], err_msg=name)
+                np.testing.assert_allclose(got[finite], want[finite], rtol=1e-12, err_msg=name)
+        assert stats.count == 24 and np.isnan(stats.norm_mean)
 
 
 def test_estimate_is_reported_before_writing_and_a_small_disk_is_refused(tmp_path, monkeypatch):

@@ -339,8 +339,11 @@ def _image_flags(tmp_path):
     (["--model", "resnet18", "--model-dtype", "bf16", "--data", "fake:4"], r"--model-dtype bf16 is for hf:"),
     (["--model", "resnet18", "--data", "fake:4", "--pack", "--reduce", "last"],
      r"--pack, --reduce last: for text data, but --data 'fake:4' is images"),
+    (["--model", MODEL, "--data", "fake-text:4", "--context", "8", "--layers", "h.1"],
+     r"unknown layer 'h\.1' in GPT2LMHeadModel: did you mean 'transformer\.h\.1'\?"),
 ], ids=["hf-name", "hf-key", "hf-pair", "no-tokenizer", "pack-no-bos", "context-0", "context-1-pack",
-        "no-context", "context-too-long", "skip-name", "skip-pad", "dtype-images", "text-flags-images"])
+        "no-context", "context-too-long", "skip-name", "skip-pad", "dtype-images", "text-flags-images",
+        "layer-parents"])
 def test_errors_name_the_argument(tmp_path, capsys, args, message):
     args = [str(write_jsonl(tmp_path / "c.jsonl")) if arg == "CORPUS" else arg for arg in args]
     assert cli(*args, "--layers", "transformer.h.1", "--out", str(tmp_path / "out")) == 1
@@ -348,6 +351,63 @@ def test_errors_name_the_argument(tmp_path, capsys, args, message):
     assert error.startswith("fastcap extract: error: "), error
     assert re.search(message, error), error
     assert not (tmp_path / "out").exists()  # refused before out is touched
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--reduce", "topk"], r"--reduce topk needs --k, the channels to keep \(e\.g\. --k 8\)$"),
+    (["--layers", "pooled=layer3", "--reduce", "mean,pooled=topk"], r"--reduce pooled=topk needs --k"),
+    (["--k", "3"], r"--k 3 is given, but no --reduce mode is topk$"),
+    (["--reduce", "topk", "--k", "0"], r"--k must be >= 1, got 0$"),
+], ids=["topk-no-k", "key-topk-no-k", "k-no-topk", "k-0"])
+def test_k_errors_name_the_flags(tmp_path, capsys, args, message):
+    assert cli("--model", "resnet18", "--data", "fake:4", "--layers", "layer4", *args, "--out", str(tmp_path)) == 1
+    error = capsys.readouterr().err.strip()
+    assert re.search(message, error), error
+    assert not tmp_path.joinpath("manifest.json").exists()
+
+
+def test_hf_models_and_tokenizers_never_trust_remote_code(tmp_path, monkeypatch):
+    """Every Hugging Face entry point fastcap calls is told trust_remote_code=False: a model
+    directory's own code never runs, and never prompts."""
+    from fastcap.text import load_tokenizer
+
+    calls = []
+
+    def recording(owner, name):
+        original = getattr(owner, name)
+
+        def call(*args, **kwargs):
+            calls.append((f"{owner.__name__}.{name}", kwargs.get("trust_remote_code")))
+            return original(*args, **kwargs)
+        monkeypatch.setattr(owner, name, call)
+
+    for owner in (transformers.AutoConfig, transformers.AutoModelForCausalLM, transformers.AutoModel,
+                  transformers.AutoTokenizer):
+        recording(owner, "from_pretrained")
+    for owner in (transformers.AutoModelForCausalLM, transformers.AutoModel):
+        recording(owner, "from_config")
+    model_dir = tmp_path / "lm"
+    random_model().save_pretrained(model_dir)
+    save_tokenizer(model_dir)
+    load_model(f"hf:{model_dir}")
+    load_model(MODEL)
+    load_tokenizer(str(model_dir))
+    assert {name for name, _ in calls} == {"AutoConfig.from_pretrained", "AutoModelForCausalLM.from_pretrained",
+                                           "AutoModelForCausalLM.from_config", "AutoTokenizer.from_pretrained"}
+    assert all(trust is False for _, trust in calls), calls
+
+    # A directory whose config asks for its own code: refused, and its code never runs.
+    custom = tmp_path / "custom"
+    custom.mkdir()
+    (custom / "config.json").write_text(json.dumps({"model_type": "my-own", "auto_map": {
+        "AutoConfig": "configuration_mine.MyConfig", "AutoModelForCausalLM": "modeling_mine.MyModel"}}))
+    ran = tmp_path / "ran"
+    for module in ("configuration_mine", "modeling_mine"):
+        (custom / f"{module}.py").write_text(f"import os\nos.mkdir({str(ran)!r})\n")
+    with pytest.raises(ValueError, match=r"needs code of its own from .* \(its config's auto_map\), and fastcap "
+                                         r"never runs a model directory's code"):
+        load_model(f"hf:{custom}")
+    assert not ran.exists()
 
 
 def test_model_dtype_and_help(capsys):
@@ -359,8 +419,106 @@ def test_model_dtype_and_help(capsys):
     with pytest.raises(SystemExit):
         main(["extract", "--help"])
     text = capsys.readouterr().out
-    for flag in ("--model-dtype", "--tokenizer", "--text-field", "--context", "--pack", "--padding",
+    for flag in ("--model-dtype", "--tokenizer", "--text-field", "--encoding", "--context", "--pack", "--padding",
                  "--tokens", "--skip-ids", "--start", "--no-stop-early", "--no-check-space", "hf-random:",
                  "fake-text:N", "one document per", "non-empty line",
                  "--data fake-text:256 --context 128 --pack"):
         assert flag in text, flag
+
+
+@pytest.mark.parametrize("value", [2 ** 32 + 7, 2 ** 31, -1, -2 ** 32 + 5],
+                         ids=["wraps-to-7", "int32-max-plus-1", "negative", "negative-wraps-to-5"])
+@pytest.mark.parametrize("vocab", [97, None], ids=["vocab", "no-vocab"])
+def test_npy_ids_out_of_range_are_refused_before_any_cast(tmp_path, value, vocab):
+    ids = np.arange(4, 24, dtype=np.int64).reshape(2, 10)
+    ids[1, 3] = value
+    path = tmp_path / "ids.npy"
+    np.save(path, ids)
+    config = transformers.GPT2Config(vocab_size=vocab, n_positions=64, bos_token_id=BOS) if vocab else None
+    message = re.escape(f"--data {str(path)!r} holds the token id {value} (document 1, token 3)")
+    if vocab:
+        message += re.escape(", but the model's vocabulary has 97 ids (0..96)")
+    with pytest.raises(ValueError, match=message):
+        make_text_dataset(str(path), context=16, config=config)
+
+
+def _latin1_corpus(tmp_path, suffix: str):
+    """Three documents, the second with an é written in latin-1."""
+    path = tmp_path / f"latin1{suffix}"
+    lines = ["the cat", "the café", "dog ran"]
+    if suffix == ".jsonl":
+        lines = ['{"text": "%s"}' % line for line in lines]
+    path.write_bytes("\n".join(lines).encode("latin-1") + b"\n")
+    return path
+
+
+@pytest.mark.parametrize("suffix", [".txt", ".jsonl"])
+def test_text_that_is_not_utf8_names_file_and_line_and_encoding_reads_it(tmp_path, capsys, suffix):
+    tokenizer_dir = save_tokenizer(tmp_path / "tok")
+    corpus = _latin1_corpus(tmp_path, suffix)
+    with pytest.raises(ValueError, match=re.escape(f"--data {str(corpus)!r} line 2: not utf-8 (byte 0xe9 ")
+                       + r".*--encoding latin-1"):
+        make_text_dataset(str(corpus), context=8, tokenizer=tokenizer_dir)
+    data = make_text_dataset(str(corpus), context=8, tokenizer=tokenizer_dir, encoding="latin-1")
+    assert len(data) == 3 and data.extract_spec["encoding"] == "iso8859-1"  # the codec's own name
+    utf8 = write_jsonl(tmp_path / "utf8.jsonl")
+    # UTF-8 under any name records no encoding: stores made before the option resume unchanged.
+    assert "encoding" not in make_text_dataset(utf8, context=8, tokenizer=tokenizer_dir).extract_spec
+    assert (make_text_dataset(utf8, context=8, tokenizer=tokenizer_dir, encoding="UTF8").extract_spec
+            == make_text_dataset(utf8, context=8, tokenizer=tokenizer_dir).extract_spec)
+
+    args = ["--model", MODEL, "--data", str(corpus), "--tokenizer", tokenizer_dir, "--context", "8",
+            "--layers", "transformer.h.0", "--reduce", "tokens"]
+    assert cli(*args, "--out", str(tmp_path / "acts")) == 1
+    assert f"line 2: not utf-8" in capsys.readouterr().err
+    assert cli(*args, "--encoding", "latin-1", "--out", str(tmp_path / "acts")) == 0
+    store = fastcap.open(tmp_path / "acts")
+    assert store.manifest["args"]["data_spec"]["encoding"] == "iso8859-1" and len(store.indices) == 3
+    assert cli(*args, "--encoding", "latin-1", "--out", str(tmp_path / "acts")) == 0  # resumed (done)
+
+
+def test_the_estimate_is_printed_before_the_progress_bar(tmp_path, capsys):
+    """On its own line even in a log, where tqdm's carriage returns do not erase a drawn bar."""
+    assert cli("--model", MODEL, "--data", "fake-text:24", "--context", "16", "--pack", "--layers",
+               "transformer.h.1", "--reduce", "tokens", "--progress", "--out", str(tmp_path)) == 0
+    error = capsys.readouterr().err
+    line, = [line for line in error.split("\n") if "to write" in line]
+    assert re.fullmatch(r"\r*fastcap extract: about [\d.]+ KiB to write \(estimated from the first batch\), "
+                        r"[\d.]+ [KMGT]iB free", line), repr(line)
+    start = error.index(line)
+    assert "%|" not in error[:start] and "extract: 100%|" in error[start:]  # the bar only after it
+
+
+def _growing_corpus(path) -> str:
+    """24 documents of 1, 1, 2, 2, ... 12 words: the first batch is far shorter than the rest."""
+    words = [" ".join(WORDS[:1 + i // 2]) for i in range(24)]
+    path.write_text("".join(json.dumps({"text": text}) + "\n" for text in words))
+    return str(path)
+
+
+@pytest.mark.parametrize("kind", ["padded", "padded-skip", "packed", "images"])
+def test_the_estimate_is_close_to_the_written_size(tmp_path, kind):
+    """The disk check relies on it: within 10% of the .npy bytes on disk, padded rows included."""
+    from test_extract import worker
+
+    from fastcap.extract import extract_with_stats
+
+    if kind == "images":
+        model, layers, reduce, tokens = worker.tiny_model(), worker.LAYERS, worker.REDUCE, None
+        data = worker.Images(40)
+    else:
+        model, tokens = random_model(), fastcap.Tokens()
+        layers, reduce = {"rows": "transformer.h.1", "pool": "transformer.h.1"}, {"rows": "tokens", "pool": "mean"}
+        if kind.startswith("padded"):  # the first batch holds 6 tokens of the corpus's 156
+            data = make_text_dataset(_growing_corpus(tmp_path / "c.jsonl"), context=16,
+                                     tokenizer=save_tokenizer(tmp_path / "tok"), config=model.config)
+            if kind == "padded-skip":  # one per document, as a BOS: 4 of the first 6 tokens, 24 of 156
+                tokens = fastcap.Tokens(skip_ids=[4 + WORDS.index("the")])
+        else:
+            data = make_text_dataset("fake-text:12", context=16, pack=True, config=model.config)
+            tokens = fastcap.Tokens(skip_ids=[BOS])  # BOS starts each row and separates documents
+    _, stats = extract_with_stats(model, DataLoader(data, batch_size=4), layers, reduce, out=tmp_path / "out",
+                                  k=None, channel_dim=-1 if tokens else 1, dtype=None, select=None, shard_size=8,
+                                  overwrite=False, progress=False, forward=None, depth=4, tokens=tokens)
+    written = sum(path.stat().st_size for path in (tmp_path / "out").rglob("*.npy"))
+    assert 0.97 <= stats["estimated_bytes"] / written <= 1.1, (stats["estimated_bytes"], written)

@@ -71,7 +71,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     default_device = "cuda" if torch.cuda.is_available() else "cpu"
     parser.add_argument("--model", required=True,
                         help="torchvision:NAME, a torchvision name, module:function, or a TorchScript or "
-                             "torch.save'd module file")
+                             "torch.save'd module file (the latter needs --trust-pickle)")
+    parser.add_argument("--trust-pickle", action="store_true",
+                        help="load a --model file saved with torch.save(model) by full unpickling, which runs "
+                             "any code the file names: only for files you trust")
     parser.add_argument("--weights", default=None, help="a state-dict file for --model (default: random weights)")
     parser.add_argument("--layers", nargs="+", required=True,
                         help="layer names or globs, space- or comma-separated, e.g. 'layer*' or layer3,layer4")
@@ -124,7 +127,8 @@ def run(args: argparse.Namespace) -> int:
         return 2
     shape = ([int(s) for s in args.input_shape.split(",")] if args.input_shape
              else [3, args.image_size, args.image_size])
-    recipe = {"model": args.model, "weights": args.weights, "device": args.device, "batch": args.batch_size,
+    recipe = {"model": args.model, "weights": args.weights, "trust_pickle": args.trust_pickle,
+              "device": args.device, "batch": args.batch_size,
               "shape": shape, "int_high": args.int_input, "dtype": args.dtype,
               "channels_last": args.channels_last, "seed": 0, "threads": args.threads}
     names = [name.strip() for arg in args.layers for name in arg.split(",") if name.strip()]

@@ -12,10 +12,11 @@ def build_model(recipe: Mapping) -> torch.nn.Module:
     """The model a recipe names, in eval mode on ``recipe["device"]``, weights seeded.
 
     ``recipe["model"]`` is any spec ``fastcap.models.load_model`` accepts (a torchvision
-    name, ``torchvision:NAME``, ``module:function``, a TorchScript or ``torch.save`` file), with
-    ``recipe["weights"]`` a state-dict file or ``None`` for random weights. With
-    ``recipe["model_kwargs"]`` (the suite's ``vit_b_16`` at 64x64) a torchvision model is built
-    by ``torchvision.models.get_model(NAME, **model_kwargs)`` instead.
+    name, ``torchvision:NAME``, ``module:function``, a TorchScript or ``torch.save`` file, the
+    latter with ``recipe["trust_pickle"]``), with ``recipe["weights"]`` a state-dict file or
+    ``None`` for random weights. With ``recipe["model_kwargs"]`` (the suite's ``vit_b_16`` at
+    64x64) a torchvision model is built by ``torchvision.models.get_model(NAME, **model_kwargs)``
+    instead.
     """
     from fastcap.models import load_model
 
@@ -31,7 +32,7 @@ def build_model(recipe: Mapping) -> torch.nn.Module:
         if weights is not None:
             model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
     else:
-        model = load_model(spec, weights, "cpu")
+        model = load_model(spec, weights, "cpu", trust_pickle=bool(recipe.get("trust_pickle")))
     if recipe.get("dtype"):
         model = model.to(getattr(torch, recipe["dtype"]))
     if recipe.get("channels_last"):

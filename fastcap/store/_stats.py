@@ -5,7 +5,8 @@ Each shard's moments are computed in float64 when it is committed, over exactly 
 store presents (a DistributedSampler's padding duplicates left out), and merged into the rank's
 running moments with Chan et al.'s pairwise update; ``merge_manifests`` merges the ranks the
 same way. The result does not depend on how the rows were split into shards, batches or ranks
-beyond float64 rounding.
+beyond float64 rounding. Columns holding inf or nan get numpy's float64 answer exactly (an inf or
+nan mean, a nan variance).
 """
 
 from __future__ import annotations
@@ -65,9 +66,14 @@ class Moments:
         if self.count == 0:
             return other
         count = self.count + other.count
-        delta = other.mean - self.mean
-        mean = self.mean + delta * (other.count / count)
-        m2 = self.m2 + other.m2 + delta ** 2 * (self.count * other.count / count)
+        with np.errstate(invalid="ignore"):  # inf - inf: nan, as numpy gives over the same rows
+            delta = other.mean - self.mean
+            # A column holding inf or nan has a non-finite mean; numpy's sum gives inf + finite =
+            # inf and inf + -inf = nan, where the update below would give inf - inf = nan.
+            finite = np.isfinite(self.mean) & np.isfinite(other.mean)
+            mean = np.where(finite, self.mean + delta * (other.count / count), self.mean + other.mean)
+            # Such a column's m2 is already nan (inf - inf in of_rows), as numpy's variance is.
+            m2 = self.m2 + other.m2 + delta ** 2 * (self.count * other.count / count)
         return Moments(count, mean, m2, self.norm_sum + other.norm_sum,
                        np.minimum(self.min, other.min), np.maximum(self.max, other.max))
 

@@ -219,12 +219,13 @@ class ShardWriter:
     """
 
     def __init__(self, rank_dir: RankDir, shard_size: int, expected_samples: int | None = None,
-                 check_space: bool = True, on_estimate=None):
+                 check_space: bool = True, on_estimate=None, sample_tokens: np.ndarray | None = None):
         self.rank_dir = rank_dir
         self.shard_size = shard_size
         self.expected_samples = expected_samples  # this rank's samples in all (None: unknown)
         self.check_space = check_space
         self.on_estimate = on_estimate
+        self.sample_tokens = sample_tokens  # the real tokens of each of them (None: unknown)
         self.estimated_bytes: int | None = None
         self.tokens = 0
         self.pending: deque = deque()
@@ -374,13 +375,19 @@ class ShardWriter:
 
     def _estimate(self, step: "StepArrays") -> None:
         """Before the run's first byte reaches the disk: the bytes still to write, extrapolated
-        from the first step (its rows, and kept tokens, per sample); refused when the disk has
-        less free (with check_space)."""
+        from the first step (its rows per sample, and its rows per kept token); refused when the
+        disk has less free (with check_space)."""
         remaining = self.expected_samples - self.rank_dir.committed_samples
-        per_sample = sum(array.nbytes for array in step.arrays.values()) / max(step.samples, 1)
+        keys = self.rank_dir.state["keys"]
+        by_token = [array for name, array in step.arrays.items() if keys[name].get("rows") == "tokens"]
+        by_sample = [array for name, array in step.arrays.items() if keys[name].get("rows") != "tokens"]
+        per_token = sum(array.itemsize * int(np.prod(array.shape[1:])) for array in by_token)
+        payload = (sum(array.nbytes for array in by_sample) / max(step.samples, 1) * remaining
+                   + per_token * self._tokens_to_come(step))
         shards = -(-remaining // self.shard_size)
         headers = shards * 128 * len(step.arrays)  # a .npy header per key and shard
-        self.estimated_bytes = estimated = int(per_sample * remaining) + headers
+        self.estimated_bytes = estimated = int(payload) + headers
+        per_sample = payload / max(remaining, 1)
         free = free_bytes(self.rank_dir.root)
         if self.on_estimate is not None:
             self.on_estimate(estimated, free)
@@ -391,6 +398,18 @@ class ShardWriter:
                 f"{self.rank_dir.rank} is about to write about {size_text(estimated)} ({remaining} samples at "
                 f"{size_text(per_sample)} each, estimated from the first batch); free some space or choose "
                 "another out, or pass check_space=False (--no-check-space) to go ahead")
+
+    def _tokens_to_come(self, step: "StepArrays") -> float:
+        """The kept tokens still to write. Where the dataset counts each sample's real tokens
+        (padded rows differ in length): those, less the first step's real tokens not kept per
+        sample (a skipped BOS, start=); else the first step's kept tokens per sample."""
+        remaining = self.expected_samples - self.rank_dir.committed_samples
+        samples = max(step.samples, 1)
+        if self.sample_tokens is None:
+            return step.tokens / samples * remaining
+        real = self.sample_tokens[self.rank_dir.committed_samples:]
+        dropped = (int(real[:step.samples].sum()) - step.tokens) / samples
+        return max(int(real.sum()) - dropped * remaining, 0)
 
     def _commit(self) -> None:
         """Pair the shard's steps with their confirmed batches, in order, and commit it."""
