@@ -286,23 +286,30 @@ class RowLoader(IterableDataset):
                 window[filled:filled + count] = np.arange(a, a + count)
                 filled, a = filled + count, a + count
                 if filled == capacity:
-                    order = rng.permutation(filled) if self.shuffle else np.arange(filled)
+                    order = self._deal(rng, filled)
                     full = filled // self.batch_size * self.batch_size
                     for first in range(0, full, self.batch_size):
                         yield window[order[first:first + self.batch_size]]
                     rest = window[order[full:]]
                     window[:len(rest)], filled = rest, len(rest)
-        order = rng.permutation(filled) if self.shuffle else np.arange(filled)
+        order = self._deal(rng, filled)
         for first in range(0, filled, self.batch_size):
             yield window[order[first:first + self.batch_size]]
+
+    def _deal(self, rng: np.random.Generator, filled: int) -> np.ndarray:
+        """The order a window's positions go to batches in. A window of one batch keeps its order:
+        _batch sorts a batch's positions anyway, and quickest when they come as runs."""
+        return rng.permutation(filled) if self.shuffle and filled > self.batch_size else np.arange(filled)
 
     # ------------------------------------------------------------------ reading
 
     def _map(self, key: str, shard: int) -> np.ndarray:
-        if self._arrays is not None:
-            return self._arrays[key]._map(shard)
+        """The rows of one shard file, memory-mapped; as a plain ndarray, whose slices cost no
+        Python calls (an np.memmap's do)."""
         if (key, shard) not in self._maps:
-            self._maps[key, shard] = np.load(self._files[key][shard], mmap_mode="r")
+            mapped = (self._arrays[key]._map(shard) if self._arrays is not None
+                      else np.load(self._files[key][shard], mmap_mode="r"))
+            self._maps[key, shard] = mapped.view(np.ndarray)
         return self._maps[key, shard]
 
     def _pool(self, mode: str) -> _Batches:
