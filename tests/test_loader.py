@@ -1,16 +1,20 @@
-"""store.loader: every row exactly once per epoch (one process, DataLoader workers, ranks, a real
-2-rank gloo run), seeded and per-epoch orders, batch shapes and dtypes, token and sample keys,
-argument checks. Tiny stores, built once per module."""
+"""store.loader: every row exactly once per epoch (one process, reading threads, DataLoader
+workers, ranks, a real 2-rank gloo run), seeded and per-epoch orders, batch shapes and dtypes,
+token and sample keys, batch memory (reused only once let go; pinned), argument checks. Tiny
+stores, built once per module."""
 from __future__ import annotations
 
 import collections
 import json
+import threading
 
 import pytest
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
 import fastcap
+from conftest import needs_cuda
+from fastcap.store import _loader as loader_module
 from test_extract import WORKER, _free_port, _loader, _one_thread, _run, worker  # noqa: F401 (_one_thread: autouse)
 
 LOADER_WORKER = WORKER.parent / "_loader_worker.py"
@@ -162,6 +166,129 @@ def test_interleaved_store_with_workers_and_ranks(two_ranks):
     unshuffled = list(store.loader("rows", batch_size=8, shuffle=False, with_index=True, num_workers=2))
     assert _origins(unshuffled) == _token_origins(store)
     assert torch.equal(torch.cat([b["rows"] for b in unshuffled]), store["rows"].tensor())
+
+
+@pytest.mark.parametrize("run_rows", [1, 10**9], ids=["runs-as-slices", "gathers-per-shard"])
+def test_slices_and_gathers_read_the_same_rows(tokens, two_ranks, monkeypatch, run_rows):
+    """Both ways to copy a batch (contiguous runs as slices, else a gather per shard), on a
+    store in file order and on one whose ranks' samples alternate."""
+    monkeypatch.setattr(loader_module, "_RUN_ROWS", run_rows)
+    for store in (tokens, two_ranks[0]):
+        for shuffle in (True, False):
+            batches = list(store.loader("rows", batch_size=8, window=16, with_index=True, shuffle=shuffle))
+            _once_each(_origins(batches), store)
+            _assert_rows_match_store(store, batches, "rows")
+
+
+# ------------------------------------------------------------------ reading threads
+
+
+@pytest.mark.filterwarnings("ignore:This DataLoader will create 3 worker processes")
+@pytest.mark.parametrize("workers", [2, 3])
+def test_threads_give_the_batches_of_dataloader_workers(tokens, workers):
+    """num_workers threads yield what DataLoader worker processes over the same loader yield,
+    batch by batch, in the same order."""
+    kwargs = {"batch_size": 8, "window": 16, "with_index": True, "seed": 5}
+    threads = list(tokens.loader("rows", num_workers=workers, **kwargs))
+    processes = list(DataLoader(tokens.loader("rows", **kwargs), batch_size=None, num_workers=workers))
+    assert len(threads) == len(processes) == 12
+    for a, b in zip(threads, processes):
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _reading_threads() -> list[threading.Thread]:
+    return [thread for thread in threading.enumerate() if thread.name.startswith("fastcap-loader")]
+
+
+def test_leaving_early_stops_the_threads(tokens):
+    batches = iter(tokens.loader("rows", batch_size=8, num_workers=2))
+    next(batches)
+    batches.close()
+    assert not _reading_threads()
+
+
+def test_an_error_in_a_thread_reaches_the_consumer(tokens, monkeypatch):
+    data = tokens.loader("rows", batch_size=8, num_workers=2)
+
+    def fail(positions, pool):
+        raise OSError("the disk went away")
+
+    monkeypatch.setattr(data, "_batch", fail)
+    with pytest.raises(OSError, match="the disk went away"):
+        list(data)
+    assert not _reading_threads()
+
+
+# ------------------------------------------------------------------ batch memory
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_a_training_loop_reuses_the_same_batch_memory(tokens, num_workers):
+    """A loop that lets each batch go reads every epoch into the same few batches of memory (two
+    without threads; the pool's size with them), each batch right while it is used."""
+    data = tokens.loader("rows", batch_size=8, window=16, with_index=True, num_workers=num_workers)
+    pointers = set()
+    for epoch in range(3):
+        data.set_epoch(epoch)
+        for batch in data:
+            pointers.add(batch["rows"].data_ptr())
+            _assert_rows_match_store(tokens, [batch], "rows")
+    assert len(pointers) == 2 if num_workers == 0 else len(pointers) <= loader_module._POOL + 3 * num_workers
+
+
+def test_held_batches_views_and_arrays_stay_valid(tokens):
+    """Memory is reused only once nothing refers to it: batches, views of them, and numpy arrays
+    of them keep what they held when handed out while later epochs read."""
+    data = tokens.loader("rows", batch_size=8, window=16, with_index=True)
+    held, then = [], []
+    for keep in (lambda tensor: tensor, lambda tensor: tensor[2:5], lambda tensor: tensor.numpy()):
+        for batch in data:  # the batches themselves let go, but for the first round
+            held.append({name: keep(tensor) for name, tensor in batch.items()})
+            then.append({name: torch.as_tensor(value).clone() for name, value in held[-1].items()})
+    for epoch in (1, 2):
+        data.set_epoch(epoch)
+        for _ in data:
+            pass
+    for kept, copy in zip(held, then):
+        assert all(torch.equal(torch.as_tensor(kept[name]), copy[name]) for name in copy)
+    _assert_rows_match_store(tokens, then, "rows")
+
+
+def test_without_torchs_use_count_every_batch_is_new_memory(tokens, monkeypatch):
+    monkeypatch.delattr(torch._C, "_storage_Use_Count")
+    data = tokens.loader("rows", batch_size=8, window=16, with_index=True)
+    kept = []
+    for batch in data:
+        _assert_rows_match_store(tokens, [batch], "rows")
+        kept.append(batch)
+    assert len({batch["rows"].data_ptr() for batch in kept}) == len(kept)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the fallback without CUDA")
+def test_pin_memory_without_cuda_warns_and_reads_ordinary_memory(tokens):
+    with pytest.warns(UserWarning, match=r"pin_memory=True, but CUDA is not available: batches are in "
+                                         r"ordinary \(pageable\) memory"):
+        data = tokens.loader("rows", batch_size=8, window=16, with_index=True, pin_memory=True)
+    batches = list(data)
+    _once_each(_origins(batches), tokens)
+    _assert_rows_match_store(tokens, batches, "rows")
+    assert not any(tensor.is_pinned() for batch in batches for tensor in batch.values())
+
+
+@needs_cuda
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_pin_memory_gives_pinned_batches(tokens, num_workers):
+    """Every tensor of every batch pinned; non_blocking copies of batches let go at once are
+    right (torch's pinned cache reuses a block only once its copies are done)."""
+    data = tokens.loader("rows", batch_size=8, window=16, with_index=True, pin_memory=True,
+                         num_workers=num_workers)
+    batches = list(data)
+    assert all(tensor.is_pinned() for batch in batches for tensor in batch.values())
+    _once_each(_origins(batches), tokens)
+    _assert_rows_match_store(tokens, batches, "rows")
+    on_device = [batch["rows"].cuda(non_blocking=True) for batch in data]
+    torch.cuda.synchronize()
+    assert torch.equal(torch.cat(on_device).cpu(), torch.cat([batch["rows"] for batch in batches]))
 
 
 # ------------------------------------------------------------------ order

@@ -186,16 +186,23 @@ class Store(Mapping):
 
     def loader(self, keys, batch_size: int = 4096, shuffle: bool = True, seed: int = 0,
                num_workers: int = 0, *, drop_last: bool = False, with_index: bool = False,
-               window: int | None = None, rank: int | None = None, world_size: int | None = None):
+               window: int | None = None, pin_memory: bool = False, rank: int | None = None,
+               world_size: int | None = None):
         """Shuffled batches of rows for training (a sparse autoencoder on the token rows, say): an
         ``IterableDataset`` yielding ``{key: tensor [batch, ...]}`` in the captured dtypes.
 
-        It reads the memory-mapped shards a window at a time, never a whole key. Each epoch a
-        permutation seeded by ``(seed, epoch)`` orders chunks of ``window // 16`` contiguous rows
-        of one shard; the rows are split, in that order, over ranks and DataLoader workers, and
-        each one shuffles ``window`` rows at a time before cutting batches. Every row comes
+        Each epoch a permutation seeded by ``(seed, epoch)`` orders chunks of ``window // 16``
+        contiguous rows of one shard; the rows are split, in that order, over ranks and workers,
+        and each one deals ``window`` rows at a time to batches at random. Every row comes
         exactly once per epoch (all ranks and workers together); the same seed and epoch give
-        the same batches in the same order.
+        the same batches in the same order. A batch is one copy of its rows from the memory
+        maps, in file order within the batch: for random sub-batches, index a batch at random
+        rather than slicing off a prefix.
+
+        A batch stays valid for as long as you hold it. Its memory is reused only once nothing
+        refers to it (no tensor, view or numpy array of it); the loader keeps up to
+        ``4 + 3 * num_workers`` batches of memory for that, so a loop that lets each batch go
+        allocates no batch memory in steady state.
 
         Args:
             keys: a key or a list of keys, all with one row per kept token or all with one row
@@ -203,21 +210,29 @@ class Store(Mapping):
             batch_size: rows per batch; the last batch of each rank may be shorter.
             shuffle: False: the rows in the store's order, split over ranks and workers.
             seed: the permutation's seed (an integer >= 0); see also ``set_epoch``.
-            num_workers: > 0 iterates through an internal
-                ``DataLoader(batch_size=None, num_workers=num_workers)``. Wrapping the loader in a
-                DataLoader of your own (``batch_size=None``) also gives every row once.
+            num_workers: > 0 reads in that many background threads (the copies run outside the
+                GIL), each reading up to 2 batches ahead, handed out in the order a
+                ``DataLoader`` with as many workers gives. Your own
+                ``DataLoader(data, batch_size=None, num_workers=N)`` also gives every row once;
+                its worker processes put each batch in new shared memory (pass ``pin_memory``
+                to that DataLoader).
             drop_last: drop rows so that every rank yields the same number of full batches
                 (under DDP, which needs the same number of steps on every rank).
             with_index: add where each row came from: ``"sample"`` (the dataset index),
                 ``"position"`` and ``"token_id"`` for token rows, ``"index"`` for sample rows
                 (int64).
-            window: rows shuffled together (>= batch_size; default 16 * batch_size); each
-                worker holds a window of every key in memory.
+            window: rows dealt to batches together (>= batch_size; default 16 * batch_size);
+                the loader holds their positions (8 bytes a row), not the rows. A batch of the
+                default window reads scattered rows; ``window=batch_size`` reads 16 runs of
+                ``batch_size // 16`` contiguous rows, faster and less mixed.
+            pin_memory: batches in page-locked memory, for ``.cuda(non_blocking=True)``: each a
+                block of torch's pinned-memory cache, which reuses a block only once the copies
+                from it are done. Without CUDA: a warning, and ordinary memory.
             rank, world_size: this process's share; by default from ``torch.distributed`` when
                 it is initialised, else 0 of 1.
 
         Example:
-            >>> data = store.loader("rows", batch_size=4096, num_workers=2)
+            >>> data = store.loader("rows", batch_size=4096, num_workers=2, pin_memory=True)
             >>> len(data)                                # batches per epoch on this rank
             >>> for epoch in range(10):
             ...     data.set_epoch(epoch)                # a new order, the same on every rank
@@ -229,7 +244,8 @@ class Store(Mapping):
         from fastcap.store._loader import RowLoader  # _loader reads the store: imported on use
 
         return RowLoader(self, keys, batch_size, shuffle, seed, num_workers, drop_last=drop_last,
-                         with_index=with_index, window=window, rank=rank, world_size=world_size)
+                         with_index=with_index, window=window, pin_memory=pin_memory, rank=rank,
+                         world_size=world_size)
 
 
 class TokenRows(NamedTuple):

@@ -4,25 +4,41 @@
 The rows of a key are cut into chunks of contiguous rows within one shard. Each epoch a
 permutation seeded by ``(seed, epoch)`` orders the chunks, the same on every rank; the
 concatenated rows are split into one contiguous range per rank, whose batch-sized pieces are
-dealt round-robin to the DataLoader workers (as a DataLoader collects them). Each worker reads
-its pieces in order, a ``window`` of rows at a time, and shuffles the window before cutting
-batches from it. Reads stay sequential within a chunk, and every row comes exactly once per
-epoch.
+dealt round-robin to the workers (threads, or the processes of a DataLoader), as a DataLoader
+collects them. Each worker takes its pieces in order, a ``window`` of rows at a time, and deals
+the window's rows to batches at random; every row comes exactly once per epoch. Only row
+positions are shuffled: each batch is then copied once, from the memory maps straight into the
+batch's own memory, its rows in file order (a slice per run of contiguous rows, or a gather per
+shard). Where that memory comes from, and how long a batch stays valid, is
+:class:`_Batches`'s business.
 """
 
 from __future__ import annotations
 
+import contextlib
+import math
+import queue
+import threading
+import warnings
 from collections.abc import Iterator
 
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import IterableDataset, get_worker_info
 
 __all__ = ["RowLoader"]
 
 #: the chunk size is window // _CHUNKS_PER_WINDOW, so a window mixes rows of about this many chunks
 _CHUNKS_PER_WINDOW = 16
+#: batches of memory the main process keeps for reuse: the one a training step holds, the one
+#: being filled, and two more for a consumer that keeps a batch or prefetches one; each reading
+#: thread adds the batches it may have read ahead, and the one it fills
+_POOL = 4
+#: batches each reading thread may read ahead (DataLoader's prefetch_factor)
+_PREFETCH = 2
+#: a batch is copied run by run when its runs of contiguous rows average at least this many rows
+_RUN_ROWS = 16
 #: with_index fields, by row kind
 _INDEX_FIELDS = {"tokens": ("sample", "position", "token_id"), "samples": ("index",)}
 
@@ -33,9 +49,74 @@ def _check_int(name: str, value, minimum: int) -> int:
     return int(value)
 
 
+def _users(tensor: torch.Tensor) -> int:
+    """How many references its memory has: tensors and views of it, numpy arrays of them."""
+    return torch._C._storage_Use_Count(tensor.untyped_storage()._cdata)
+
+
+class _Batches:
+    """The memory of batches ``{name: tensor [n, ...]}``: ``take(n)`` gives numpy arrays to fill
+    and the tensors to hand out, views of the same memory. ``specs``: ``{name: (dtype of the
+    stored bytes, row shape, dtype handed out)}``.
+
+    Modes:
+        ``recycle`` (the main process): up to ``size`` batches of memory, allocated once and
+        reused when nothing refers to a batch any more (no tensor, view or numpy array of it).
+        A batch stays valid for as long as it is held, and a loop that drops each batch before
+        the next but one allocates nothing in steady state. Without torch's use count (a
+        private function) every batch is new memory.
+        ``pinned``: each batch new page-locked memory from torch's pinned-memory cache, which
+        hands a block out again only after the copies from it (``non_blocking=True``) are done.
+        ``shared`` (a DataLoader worker): each batch new shared memory, which the DataLoader
+        passes to the main process without a copy (as its own collate does).
+
+    Example:
+        >>> arrays, batch = _Batches({"x": (torch.float32, (4,), torch.float32)}, 8, "recycle", 4).take(8)
+        >>> arrays["x"][:] = 1; batch["x"].shape
+        torch.Size([8, 4])
+    """
+
+    def __init__(self, specs: dict[str, tuple[torch.dtype, tuple, torch.dtype]], batch_size: int, mode: str,
+                 size: int):
+        self._specs, self._batch_size, self._size = specs, batch_size, size
+        self._mode = "fresh" if mode == "recycle" and not hasattr(torch._C, "_storage_Use_Count") else mode
+        self._pool: list[tuple[dict[str, torch.Tensor], dict[str, int]]] = []  # memory, its idle use counts
+        self._lock = threading.Lock()  # two reading threads never get one batch's memory
+
+    def _new(self, n: int) -> dict[str, torch.Tensor]:
+        if self._mode == "shared":
+            return {name: torch.empty(0, dtype=raw).set_(
+                        torch.UntypedStorage._new_shared(n * math.prod(shape) * raw.itemsize), 0, (n, *shape))
+                    for name, (raw, shape, _) in self._specs.items()}
+        return {name: torch.empty((n, *shape), dtype=raw, pin_memory=self._mode == "pinned")
+                for name, (raw, shape, _) in self._specs.items()}
+
+    def _idle(self) -> dict[str, torch.Tensor] | None:
+        # share_memory_() on a batch moves its memory where another process may read it: let it go.
+        self._pool = [(memory, counts) for memory, counts in self._pool
+                      if not any(t.is_shared() for t in memory.values())]
+        for memory, counts in self._pool:
+            if all(_users(t) == counts[name] for name, t in memory.items()):
+                return memory
+        if len(self._pool) == self._size:
+            return None
+        memory = self._new(self._batch_size)
+        self._pool.append((memory, {name: _users(t) for name, t in memory.items()}))
+        return memory
+
+    def take(self, n: int) -> tuple[dict[str, np.ndarray], dict[str, torch.Tensor]]:
+        """Memory for a batch of ``n`` rows: numpy arrays to fill, tensors to hand out."""
+        with self._lock:
+            memory = self._idle() if self._mode == "recycle" else None
+            memory = memory if memory is not None else self._new(n)  # beyond the pool: not kept
+            # Made under the lock: these views mark the memory taken.
+            batch = {name: t[:n].view(self._specs[name][2]) for name, t in memory.items()}
+        return {name: t[:n].numpy() for name, t in memory.items()}, batch
+
+
 class RowLoader(IterableDataset):
     """Batches ``{key: tensor [batch, ...]}`` of a store's rows, shuffled across shards; made by
-    :meth:`Store.loader`, which documents the arguments.
+    :meth:`Store.loader`, which documents the arguments and how long a batch stays valid.
 
     ``len()`` is the number of batches this rank yields per epoch, whatever the workers.
 
@@ -49,7 +130,8 @@ class RowLoader(IterableDataset):
 
     def __init__(self, store, keys, batch_size: int = 4096, shuffle: bool = True, seed: int = 0,
                  num_workers: int = 0, *, drop_last: bool = False, with_index: bool = False,
-                 window: int | None = None, rank: int | None = None, world_size: int | None = None):
+                 window: int | None = None, pin_memory: bool = False, rank: int | None = None,
+                 world_size: int | None = None):
         self.keys = [keys] if isinstance(keys, str) else list(keys)
         if not self.keys or not all(isinstance(key, str) for key in self.keys):
             raise ValueError(f"keys must be a key or a non-empty list of keys, got {keys!r}")
@@ -74,6 +156,12 @@ class RowLoader(IterableDataset):
         self.window = int(self.window)
         self.shuffle = bool(shuffle)
         self.drop_last = bool(drop_last)
+        self.pin_memory = bool(pin_memory)
+        if self.pin_memory and not torch.cuda.is_available():
+            # As DataLoader(pin_memory=True) does: the same script still runs on a CPU machine.
+            warnings.warn("pin_memory=True, but CUDA is not available: batches are in ordinary "
+                          "(pageable) memory", UserWarning, stacklevel=3)
+            self.pin_memory = False
         self.rank, self.world_size = self._place(rank, world_size)
         self.epoch = 0
 
@@ -97,7 +185,10 @@ class RowLoader(IterableDataset):
                        for key in self.keys}
         self._dtypes = {key: (array.dtype, array.row_shape, array.torch_dtype)
                         for key, array in zip(self.keys, arrays)}
+        # In this process, the store's own memory maps: a new loader per epoch maps nothing again.
+        self._arrays = dict(zip(self.keys, arrays))
         self._maps: dict[tuple[str, int], np.ndarray] = {}
+        self._pools: dict[str, _Batches] = {}
         self._rows = len(rows)
         self._layout()
 
@@ -161,14 +252,14 @@ class RowLoader(IterableDataset):
     def __len__(self) -> int:
         return self._rank_range()[2]
 
-    def _worker_runs(self, worker: int, workers: int) -> Iterator[tuple[int, int]]:
+    def _worker_runs(self, worker: int, workers: int, epoch: int) -> Iterator[tuple[int, int]]:
         """A worker's share of its rank's rows, as runs (a, b) of positions in the read order
         (see _layout): batches worker, worker + workers, ... of the rank's rows. Interleaved
         round-robin, as a DataLoader does, they are the batches of one process."""
         start, stop, batches = self._rank_range()
         order = np.arange(len(self._chunk_starts))
         if self.shuffle:  # the same on every rank and worker
-            order = np.random.default_rng([self.seed, self.epoch]).permutation(order)
+            order = np.random.default_rng([self.seed, epoch]).permutation(order)
         sizes = self._chunk_stops[order] - self._chunk_starts[order]
         ends = np.cumsum(sizes)
         for batch in range(worker, batches, workers):
@@ -179,76 +270,143 @@ class RowLoader(IterableDataset):
                 yield int(chunk + max(first - begin, 0)), int(chunk + min(last, ends[i]) - begin)
                 i += 1
 
+    def _positions(self, worker: int, workers: int, epoch: int) -> Iterator[np.ndarray]:
+        """Each of a worker's batches as positions in the read order: its runs gathered a window
+        at a time, the window's positions dealt to batches by a permutation seeded by (seed,
+        epoch, rank, worker, workers); the positions short of a batch wait for the next window."""
+        start, stop, _ = self._rank_range()
+        capacity = min(self.window if self.shuffle else self.batch_size, stop - start)
+        if capacity <= 0:
+            return
+        rng = np.random.default_rng([self.seed, epoch, self.rank, worker, workers])
+        window, filled = np.empty(capacity, np.int64), 0
+        for a, b in self._worker_runs(worker, workers, epoch):
+            while a < b:
+                count = min(b - a, capacity - filled)
+                window[filled:filled + count] = np.arange(a, a + count)
+                filled, a = filled + count, a + count
+                if filled == capacity:
+                    order = self._deal(rng, filled)
+                    full = filled // self.batch_size * self.batch_size
+                    for first in range(0, full, self.batch_size):
+                        yield window[order[first:first + self.batch_size]]
+                    rest = window[order[full:]]
+                    window[:len(rest)], filled = rest, len(rest)
+        order = self._deal(rng, filled)
+        for first in range(0, filled, self.batch_size):
+            yield window[order[first:first + self.batch_size]]
+
+    def _deal(self, rng: np.random.Generator, filled: int) -> np.ndarray:
+        """The order a window's positions go to batches in. A window of one batch keeps its order:
+        _batch sorts a batch's positions anyway, and quickest when they come as runs."""
+        return rng.permutation(filled) if self.shuffle and filled > self.batch_size else np.arange(filled)
+
     # ------------------------------------------------------------------ reading
 
     def _map(self, key: str, shard: int) -> np.ndarray:
+        """The rows of one shard file, memory-mapped; as a plain ndarray, whose slices cost no
+        Python calls (an np.memmap's do)."""
         if (key, shard) not in self._maps:
-            self._maps[key, shard] = np.load(self._files[key][shard], mmap_mode="r")
+            mapped = (self._arrays[key]._map(shard) if self._arrays is not None
+                      else np.load(self._files[key][shard], mmap_mode="r"))
+            self._maps[key, shard] = mapped.view(np.ndarray)
         return self._maps[key, shard]
 
-    def _read(self, a: int, b: int, buffers: dict[str, np.ndarray], at: int) -> None:
-        """Positions a..b of the read order (see _layout) into buffers[at:]: a slice of one
-        memory map when the rows are contiguous in one shard (the shuffled case), else gathered
-        shard by shard."""
-        rows = np.arange(a, b) if self._by_file is None else self._by_file[a:b]
-        shards, within = self._shard_of[rows], self._row_of[rows]
-        one_run = shards[0] == shards[-1] and np.all(np.diff(within) == 1) and np.all(shards == shards[0])
-        for key in self.keys:
-            out = buffers[key][at:at + len(rows)]
-            if one_run:
-                out[:] = self._map(key, int(shards[0]))[within[0]:within[-1] + 1]
-                continue
-            for shard in np.unique(shards):
-                pick = shards == shard
-                out[pick] = self._map(key, int(shard))[within[pick]]
-        for field, values in self._fields.items():
-            buffers[field][at:at + len(rows)] = values[rows]
+    def _pool(self, mode: str) -> _Batches:
+        if mode not in self._pools:
+            specs = {key: (torch.from_numpy(np.empty(0, dtype)).dtype, shape, torch_dtype)
+                     for key, (dtype, shape, torch_dtype) in self._dtypes.items()}
+            specs |= {field: (torch.int64, (), torch.int64) for field in self._fields}
+            self._pools[mode] = _Batches(specs, self.batch_size, mode,
+                                         _POOL + (_PREFETCH + 1) * self.num_workers)
+        return self._pools[mode]
 
-    def _batch(self, buffers: dict[str, np.ndarray], pick: np.ndarray) -> dict[str, torch.Tensor]:
-        batch = {}
-        for name, buffer in buffers.items():
-            tensor = torch.from_numpy(buffer[pick])  # a copy: the buffer is refilled
-            torch_dtype = self._dtypes[name][2] if name in self._dtypes else torch.int64
-            batch[name] = tensor if tensor.dtype == torch_dtype else tensor.view(torch_dtype)
+    def _batch(self, positions: np.ndarray, pool: _Batches) -> dict[str, torch.Tensor]:
+        """The rows at ``positions`` of the read order, copied once from the memory maps into
+        the batch: a slice per run of contiguous rows of one shard where runs are long, else one
+        gather per shard."""
+        if self.shuffle:
+            # The read order is file order: sorted, each shard's rows are read in one forward
+            # sweep (faster than in random order) and a small window reads whole runs. "stable"
+            # is timsort, quick on the runs of a small window and on random positions alike.
+            positions = np.sort(positions, kind="stable")
+        rows = positions if self._by_file is None else self._by_file[positions]
+        shards, within = self._shard_of[rows], self._row_of[rows]
+        arrays, batch = pool.take(len(rows))
+        new_shard = shards[1:] != shards[:-1]
+        runs = np.flatnonzero(new_shard | (within[1:] != within[:-1] + 1)) + 1
+        # Short runs cost a Python step each: gather them shard by shard instead.
+        slices = len(runs) * _RUN_ROWS < len(rows)
+        edges = [0, *(runs if slices else np.flatnonzero(new_shard) + 1).tolist(), len(rows)]
+        for a, b in zip(edges[:-1], edges[1:]):
+            first = int(within[a])
+            for key in self.keys:
+                source = self._map(key, int(shards[a]))
+                if slices:
+                    np.copyto(arrays[key][a:b], source[first:first + b - a])
+                else:  # mode="clip": the default "raise" gathers into a temporary and copies it again
+                    np.take(source, within[a:b], axis=0, out=arrays[key][a:b], mode="clip")
+        for field, values in self._fields.items():
+            np.take(values, rows, out=arrays[field], mode="clip")
         return batch
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         info = get_worker_info()
-        if info is None and self.num_workers > 0:
-            # In the workers get_worker_info() is set, so each iterates its own share.
-            yield from DataLoader(self, batch_size=None, num_workers=self.num_workers)
+        if info is not None:  # a DataLoader's worker process: its share, in memory it can send
+            pool = self._pool("shared")
+            for positions in self._positions(info.id, info.num_workers, self.epoch):
+                yield self._batch(positions, pool)
             return
-        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        start, stop, _ = self._rank_range()
-        if stop <= start:
+        pool = self._pool("pinned" if self.pin_memory else "recycle")
+        if self.num_workers == 0:
+            for positions in self._positions(0, 1, self.epoch):
+                yield self._batch(positions, pool)
             return
-        rng = np.random.default_rng([self.seed, self.epoch, self.rank, worker, workers])
-        capacity = min(self.window if self.shuffle else self.batch_size, stop - start)
-        buffers = {key: np.empty((capacity, *shape), dtype) for key, (dtype, shape, _) in self._dtypes.items()}
-        buffers |= {field: np.empty(capacity, np.int64) for field in self._fields}
-        filled = 0
-        for a, b in self._worker_runs(worker, workers):
-            while a < b:
-                count = min(b - a, capacity - filled)
-                self._read(a, a + count, buffers, filled)
-                filled, a = filled + count, a + count
-                if filled == capacity:
-                    order = rng.permutation(filled) if self.shuffle else np.arange(filled)
-                    full = filled // self.batch_size * self.batch_size
-                    for first in range(0, full, self.batch_size):
-                        yield self._batch(buffers, order[first:first + self.batch_size])
-                    # The rows short of a batch wait for the next window.
-                    rest = order[full:]
-                    for buffer in buffers.values():
-                        buffer[:len(rest)] = buffer[rest]
-                    filled = len(rest)
-        if filled:
-            order = rng.permutation(filled) if self.shuffle else np.arange(filled)
-            for first in range(0, filled, self.batch_size):
-                yield self._batch(buffers, order[first:first + self.batch_size])
+        yield from self._threads(pool, self.epoch)  # the epoch now: set_epoch may come before they read
+
+    def _threads(self, pool: _Batches, epoch: int) -> Iterator[dict[str, torch.Tensor]]:
+        """Batches read by ``num_workers`` threads, worker w reading the share a DataLoader's
+        worker w would, handed out in the order a DataLoader gives. Threads, not processes: the
+        copies run outside the GIL, and a batch needs no second copy to reach this process."""
+        workers, stop = self.num_workers, threading.Event()
+        queues = [queue.Queue(_PREFETCH) for _ in range(workers)]
+
+        def read(worker: int) -> None:
+            try:
+                for positions in self._positions(worker, workers, epoch):
+                    if stop.is_set():
+                        return
+                    queues[worker].put(self._batch(positions, pool))
+                queues[worker].put(None)
+            except BaseException as error:  # raised in the consumer, in its turn
+                queues[worker].put(error)
+
+        threads = [threading.Thread(target=read, args=(w,), name=f"fastcap-loader-{w}", daemon=True)
+                   for w in range(workers)]
+        for thread in threads:
+            thread.start()
+        try:
+            running = list(range(workers))
+            while running:
+                for worker in list(running):
+                    item = queues[worker].get()
+                    if item is None:
+                        running.remove(worker)
+                    elif isinstance(item, BaseException):
+                        raise item
+                    else:
+                        yield item
+        finally:  # the epoch's end, an error, or the consumer leaving early
+            # Each thread checks stop before a batch; draining its queue frees one blocked on it.
+            stop.set()
+            for worker, thread in enumerate(threads):
+                while thread.is_alive():
+                    with contextlib.suppress(queue.Empty):
+                        queues[worker].get(timeout=0.05)
 
     def __getstate__(self) -> dict:
-        return self.__dict__ | {"_maps": {}}  # a spawned worker opens its own memory maps
+        # A spawned DataLoader worker opens its own memory maps, and makes its own batches.
+        return self.__dict__ | {"_arrays": None, "_maps": {}, "_pools": {}}
 
     def __repr__(self) -> str:
         return (f"RowLoader(keys={self.keys}, {self._rows} rows, batch_size={self.batch_size}, "
