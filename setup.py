@@ -3,6 +3,7 @@
 A CUDAExtension when nvcc and a CUDA build of torch are present (the CUDA sources then
 compile even on a machine with no GPU), a CppExtension otherwise. Environment:
   FASTCAP_CPU_ONLY=1   build the CPU kernels only
+  FASTCAP_REQUIRE_CUDA=1   fail unless the CUDA sources are built (the GPU check sets it)
   DEBUG=1              -O0 -g
   MAX_JOBS, TORCH_CUDA_ARCH_LIST   as for any torch extension (arch default here: 9.0)
 """
@@ -22,10 +23,23 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def _use_cuda() -> bool:
+    required = os.environ.get("FASTCAP_REQUIRE_CUDA", "0") == "1"
     if os.environ.get("FASTCAP_CPU_ONLY", "0") == "1":
+        if required:
+            raise SystemExit("fastcap: FASTCAP_REQUIRE_CUDA=1 and FASTCAP_CPU_ONLY=1 contradict each other")
         return False
-    return torch.version.cuda is not None and CUDA_HOME is not None and os.path.exists(
-        os.path.join(CUDA_HOME, "bin", "nvcc"))
+    missing = [what for what, ok in (
+        ("a CUDA build of torch (torch.version.cuda is None)", torch.version.cuda is not None),
+        ("CUDA_HOME", CUDA_HOME is not None),
+        (f"nvcc under CUDA_HOME={CUDA_HOME}", CUDA_HOME is not None
+         and os.path.exists(os.path.join(CUDA_HOME, "bin", "nvcc"))),
+    ) if not ok]
+    if missing and required:
+        # Otherwise the build falls back to the CPU kernels and every CUDA test skips: a green
+        # report that proves nothing.
+        raise SystemExit("fastcap: FASTCAP_REQUIRE_CUDA=1 but the CUDA sources cannot be built: missing "
+                         + "; ".join(missing))
+    return not missing
 
 
 def _extension():

@@ -69,16 +69,20 @@ int64_t HostPool::bucket_size(int64_t bytes) {
 }
 
 std::shared_ptr<HostBuffer> HostPool::allocate(int64_t bytes) {
-  const int64_t capacity = bucket_size(bytes);
+  int64_t capacity = bucket_size(bytes);
   void* data = nullptr;
   {
     std::lock_guard<std::mutex> lock(mutex_);
-    auto it = free_.find(capacity);
-    if (it != free_.end() && !it->second.empty()) {
+    // The request's bucket, else the smallest cached block up to twice as large: blocks a
+    // grown slot gave back serve later requests instead of piling up beside new ones.
+    for (auto it = free_.lower_bound(capacity); it != free_.end() && it->first <= 2 * capacity; ++it) {
+      if (it->second.empty()) continue;
       data = it->second.back();  // the most recently used block: likely still in cache
       it->second.pop_back();
+      capacity = it->first;
       stats_.cached_bytes -= capacity;
       stats_.reuses += 1;
+      break;
     }
   }
   if (data == nullptr) {

@@ -69,8 +69,8 @@ class HostPool {
   // The capacity a request of `bytes` gets: its bucket, a multiple of 64.
   static int64_t bucket_size(int64_t bytes);
 
-  // A buffer of bucket_size(bytes) bytes, 64-byte aligned: a cached block if the bucket
-  // has one, else a new allocation. Throws when out of memory, or for a pinned pool in a
+  // A buffer of at least bucket_size(bytes) bytes, 64-byte aligned: a cached block of that
+  // bucket or of one up to twice as large, else a new allocation of bucket_size(bytes). Throws when out of memory, or for a pinned pool in a
   // build without CUDA.
   std::shared_ptr<HostBuffer> allocate(int64_t bytes);
 

@@ -24,7 +24,7 @@ class StopForward(BaseException):
     """Raised at the stop point once every captured layer of the step has run: the rest of the
     forward is not needed. A BaseException, so that a model's ``except Exception`` fallbacks do
     not swallow it; ``extract`` catches it around each forward and calls
-    :meth:`fastcap._steps.StepHooks.end_stopped_step`."""
+    :meth:`fastcap.Capture.end_stopped_step`."""
 
 
 class EarlyExit:

@@ -22,7 +22,21 @@ def _check_torch_version() -> None:
             "running; rebuild it with `pip install --no-build-isolation -e .`.")
 
 
+def _check_cuda_version() -> None:
+    """As torchvision does: a CUDA build of fastcap must match the CUDA torch was built with."""
+    built = _C.cuda_version()  # e.g. 13000 for 13.0; -1 without CUDA
+    if built < 0 or torch.version.cuda is None:
+        return
+    major, minor = built // 1000, built % 1000 // 10
+    t_major, t_minor = (int(v) for v in torch.version.cuda.split(".")[:2])
+    if major != t_major:
+        raise ImportError(
+            f"fastcap._C was compiled with CUDA {major}.{minor} but torch uses CUDA {torch.version.cuda}; "
+            "rebuild it where the CUDA toolkit matches torch's (pip install --no-build-isolation -e .)")
+
+
 _check_torch_version()
+_check_cuda_version()
 
 #: Whether the CUDA kernels, side-stream copies and pinned rings were compiled in.
 BUILT_WITH_CUDA: bool = _C.built_with_cuda()

@@ -1,19 +1,17 @@
-"""The Python half of the ring: how one captured activation is laid out in a ring slot
-(:func:`plan_parts`), the op that writes it there (:func:`write_slot`), the item that stands
-for it while it is there (:class:`Item`), and its hand-off to host tensors
-(:meth:`Item.materialize`, or :meth:`Item.host_views` for a consumer that reads in place)."""
+"""How one captured activation is laid out in a ring slot (:func:`plan_parts`, and for the
+token modes :func:`plan_token_parts`), the token modes' writes into a slot (the other modes are
+written by the compiled core, ``csrc/capture_core.cpp``), and the named tuples results come in
+(:func:`assemble`)."""
 from __future__ import annotations
 
-import threading
-import time
 from dataclasses import dataclass
-from typing import Callable, List, NamedTuple, Optional, Tuple, Union
+from typing import List, NamedTuple, Optional, Tuple, Union
 
 import torch
 
 from fastcap import _ops
 from fastcap._layers import Layer
-from fastcap._tokens import TokenIndex
+from fastcap._tokens import ROW_MODES, TokenIndex
 
 ALIGN = 64  # byte alignment of each tensor inside a slot
 
@@ -49,11 +47,9 @@ class Part:
         raw = buf.narrow(0, self.offset, self.nbytes)
         return raw.view(self.dtype).as_strided(self.shape, self.strides)
 
-    def view_rows(self, buf: torch.Tensor, rows: int) -> torch.Tensor:
-        """The first ``rows`` rows of a contiguous part (a counted item's kept rows)."""
-        row_bytes = self.nbytes // self.shape[0] if self.shape[0] else 0
-        raw = buf.narrow(0, self.offset, rows * row_bytes)
-        return raw.view(self.dtype).view((rows,) + self.shape[1:])
+    def spec(self) -> tuple:
+        """The part as the compiled core takes it: (offset, shape, strides, dtype, nbytes)."""
+        return (self.offset, list(self.shape), list(self.strides), self.dtype, self.nbytes)
 
 
 def contiguous_strides(shape: Tuple[int, ...]) -> Tuple[int, ...]:
@@ -114,132 +110,8 @@ def slot_bytes(parts: List[Part]) -> int:
     return parts[-1].offset + parts[-1].nbytes
 
 
-def write_slot(ring, slot: int, layer: Layer, x: torch.Tensor, parts: List[Part]) -> None:
-    """Runs the layer's op from ``x`` straight into the slot (its device staging buffer on
-    CUDA, its host memory on CPU) and commits it; on CUDA the commit queues the
-    device-to-host copy on the side stream. The slot is released again on any error."""
-    on_device = x.is_cuda
-    try:
-        buf = ring.staging(slot, x.device) if on_device else ring.host(slot)
-        dst = [p.view(buf) for p in parts]
-        if layer.mode == "full":
-            _ops.copy_into(x, dst[0])
-        elif layer.mode == "mean":
-            _ops.mean_into(x, layer.channel_dim, dst[0])
-        else:
-            _ops.topk_into(x, layer.k, layer.channel_dim, dst[0], dst[1])
-        del buf, dst
-        ring.commit(slot, slot_bytes(parts), on_device)
-    except BaseException:
-        ring.release(slot)
-        raise
-
-
-#: Called after a materialization that moved bytes: (seconds it took).
-OnCopied = Callable[[float], None]
-
-
-class Item:
-    """One captured activation: in a ring slot until it is handed off, then host tensors.
-
-    A consumer either materializes it (host tensors of its own, the slot freed) or, to read
-    the bytes in place (extract's writer), takes :meth:`host_views` and then :meth:`release`.
-    A *counted* item (one row per kept token) starts with an int64 count of the rows its
-    other parts hold; only those rows are handed off.
-    """
-
-    __slots__ = ("ring", "slot", "parts", "mode", "counted", "info", "value", "error", "_taken", "_lock")
-
-    def __init__(self, ring, slot: int, parts: List[Part], mode: str, counted: bool = False,
-                 info: Optional[dict] = None):
-        self.ring, self.slot, self.parts, self.mode, self.counted = ring, slot, parts, mode, counted
-        self.info = info  # a token index's {"samples": N, "sample_offset": first sample number}
-        self.value: Optional[Captured] = None
-        self.error: Optional[BaseException] = None  # why copying it out failed, if it did
-        self._taken = False  # a plain slot's buffer was handed over by host_views(): the slot is free
-        # The collector, a drain() in another thread and close() may all reach an item.
-        self._lock = threading.Lock()
-
-    @property
-    def pending(self) -> bool:
-        """Still in its slot: neither materialized nor released."""
-        return self.ring is not None
-
-    def materialize(self, on_copied: Optional[OnCopied] = None) -> Captured:
-        """Waits for the slot's bytes, moves them into host tensors of their own, and frees
-        the slot; once (later calls return the same value)."""
-        with self._lock:
-            if self.error is not None:
-                raise RuntimeError("fastcap: copying this activation out of its ring slot failed") from self.error
-            if self.value is None and self.ring is not None:
-                start = time.perf_counter()
-                try:
-                    self.value = self._copy_out()
-                except Exception as exc:  # BaseException (Ctrl-C) leaves it to be tried again
-                    self.error = exc
-                    raise
-                self.ring = None
-                if on_copied is not None:
-                    on_copied(time.perf_counter() - start)
-            if self.value is None:
-                raise RuntimeError("fastcap: this activation was released without being copied out")
-            return self.value
-
-    def _views(self, host: torch.Tensor) -> List[torch.Tensor]:
-        """The item's tensors over the slot's host bytes (a counted item's: its kept rows)."""
-        if not self.counted:
-            return [p.view(host) for p in self.parts]
-        rows = int(self.parts[0].view(host)[0])
-        return [p.view_rows(host, rows) for p in self.parts[1:]]
-
-    def _copy_out(self) -> Captured:
-        ring = self.ring
-        if ring.pinned:
-            # Pinned memory is precious and stays in the ring: copy the bytes out.
-            # clone() keeps a dense layout (channels_last stays channels_last).
-            ring.wait(self.slot)
-            host = ring.host(self.slot)
-            tensors = [t.clone() for t in self._views(host)]
-            del host
-            ring.release(self.slot)
-        else:
-            # Plain memory: the slot's buffer itself becomes the result, no second copy (the
-            # slot gets a new one at its next acquire). Its storage is exactly the committed
-            # bytes; several parts (top-k), or the kept rows of an upper bound, are cloned apart
-            # so each owns only its own bytes.
-            host = ring.take(self.slot)
-            tensors = self._views(host)
-            if len(tensors) > 1 or self.counted:
-                tensors = [t.clone() for t in tensors]
-            del host
-        return _assemble(self.mode, tensors)
-
-    def host_views(self) -> List[torch.Tensor]:
-        """The item's tensors as views of ring host memory, once its bytes have landed; valid
-        until :meth:`release`. No copy."""
-        with self._lock:
-            if self.ring is None:
-                raise RuntimeError("fastcap: host_views() of an activation already handed off")
-            if self.ring.pinned:
-                self.ring.wait(self.slot)
-                host = self.ring.host(self.slot)
-            elif not self._taken:
-                host = self.ring.take(self.slot)  # the buffer is ours now, and the slot free again
-                self._taken = True
-            else:
-                raise RuntimeError("fastcap: host_views() of a plain slot can be taken once")
-            return self._views(host)
-
-    def release(self) -> None:
-        """Frees the slot after :meth:`host_views`, or without reading it (a consumer that drops
-        the step): its bytes are no longer needed."""
-        with self._lock:
-            ring, self.ring = self.ring, None
-            if ring is not None and not self._taken:
-                ring.release(self.slot)
-
-
-def _assemble(mode: str, tensors: List[torch.Tensor]) -> Captured:
+def assemble(mode: str, tensors: List[torch.Tensor]) -> Captured:
+    """A captured item's tensors as the user gets them: a tensor, a TopK, or a TokenIndex."""
     if mode == "topk":
         return TopK(*tensors)
     if mode == INDEX_MODE:
@@ -288,18 +160,19 @@ def plan_index_parts(n: int, t: int) -> List[Part]:
     return _count_then([((n * t,), torch.int64)] * 3)
 
 
-def _commit_counted(ring, slot: int, parts: List[Part], on_device: bool) -> None:
-    # Only the count now, and (in a consumer's wait) the rows it counts, cross from the GPU.
+def _commit_counted(ring, slot: int, parts: List[Part]) -> None:
+    # Staged (CUDA), the count is known on the device only: the ring copies it, then the rows
+    # it counts (or the whole upper bound at once when that is small).
     segments = [(p.offset, p.nbytes // p.shape[0] if p.shape[0] else 0) for p in parts[1:]]
-    ring.commit_counted(slot, parts[0].offset, segments, on_device)
+    ring.commit_counted(slot, parts[0].offset, segments, slot_bytes(parts))
 
 
 def write_token_slot(ring, slot: int, layer: Layer, x: torch.Tensor, keep: torch.Tensor,
                      parts: List[Part]) -> None:
-    """A token mode's op from ``x`` and the kept tokens ``keep`` into the slot, committed."""
-    on_device = x.is_cuda
+    """A token mode's op from ``x`` and the kept tokens ``keep`` into the slot, committed. The
+    slot is released again on any error."""
     try:
-        buf = ring.staging(slot, x.device) if on_device else ring.host(slot)
+        buf = ring.target(slot, x.device)
         dst = [p.view(buf) for p in parts]
         if layer.mode == "tokens":
             _ops.tokens_into(x, keep, 1, dst[1], dst[0])
@@ -308,10 +181,10 @@ def write_token_slot(ring, slot: int, layer: Layer, x: torch.Tensor, keep: torch
         else:
             _ops.pool_tokens_into(x, keep, 1, layer.mode, dst[0])
         del buf, dst
-        if layer.mode in ("tokens", "topk"):
-            _commit_counted(ring, slot, parts, on_device)
+        if layer.mode in ROW_MODES:
+            _commit_counted(ring, slot, parts)
         else:
-            ring.commit(slot, slot_bytes(parts), on_device)
+            ring.commit(slot, slot_bytes(parts))
     except BaseException:
         ring.release(slot)
         raise
@@ -320,13 +193,12 @@ def write_token_slot(ring, slot: int, layer: Layer, x: torch.Tensor, keep: torch
 def write_index_slot(ring, slot: int, keep: torch.Tensor, ids: Optional[torch.Tensor], sample_offset: int,
                      parts: List[Part]) -> None:
     """A step's token index into the slot, committed (counted)."""
-    on_device = keep.is_cuda
     try:
-        buf = ring.staging(slot, keep.device) if on_device else ring.host(slot)
+        buf = ring.target(slot, keep.device)
         count, sample, position, token_id = (p.view(buf) for p in parts)
         _ops.token_index_into(keep, ids, sample_offset, sample, position, token_id, count)
         del buf, count, sample, position, token_id
-        _commit_counted(ring, slot, parts, on_device)
+        _commit_counted(ring, slot, parts)
     except BaseException:
         ring.release(slot)
         raise

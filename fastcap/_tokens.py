@@ -86,6 +86,7 @@ class BoundTokens:
 
     def __init__(self, tokens: Tokens, model: nn.Module):
         self.tokens = tokens
+        self._skip: dict = {}  # (device, dtype) -> skip_ids as a tensor
         self._signature = inspect.signature(model.forward)
         params = self._signature.parameters
         # The name of a **kwargs parameter, where keyword arguments not in the signature land.
@@ -98,6 +99,15 @@ class BoundTokens:
                     f"Tokens({what}={name!r}): {type(model).__name__}.forward has no argument {name!r} "
                     f"(its arguments: {list(params)}); name one of them, or pass a callable "
                     "(args, kwargs) -> Tensor")
+
+    def skip_tensor(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """``skip_ids`` as a tensor on ``device``: made once per device and dtype (a tensor built
+        from a list is a blocking host-to-device copy; once, not every forward)."""
+        key = (device, dtype)
+        skip = self._skip.get(key)
+        if skip is None:
+            skip = self._skip[key] = torch.tensor(self.tokens.skip_ids, dtype=dtype, device=device)
+        return skip
 
     def find(self, args: tuple, kwargs: dict) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
         """(mask, ids) of one call of the model; None where the call has none."""
@@ -121,10 +131,12 @@ class BoundTokens:
         return found[0], found[1]
 
 
-def keep_mask(tokens: Tokens, key: str, x: torch.Tensor, mask: Optional[torch.Tensor],
+def keep_mask(bound: BoundTokens, key: str, x: torch.Tensor, mask: Optional[torch.Tensor],
               ids: Optional[torch.Tensor]) -> torch.Tensor:
     """The kept tokens of output ``x`` ``[N, T, C]``: bool ``[N, T]`` on x's device, computed
-    with device ops only (nothing is read back to the host)."""
+    with device ops only (nothing is read back to the host, nothing synchronises: the mask and
+    ids of a call are on the model's device already, as its inputs)."""
+    tokens = bound.tokens
     n, t = x.shape[0], x.shape[1]
     device = x.device
     if mask is None:
@@ -143,8 +155,8 @@ def keep_mask(tokens: Tokens, key: str, x: torch.Tensor, mask: Optional[torch.Te
         if tuple(ids.shape) != (n, t):
             raise ValueError(f"layer {key!r}: the ids have shape {tuple(ids.shape)}, but the output "
                              f"{tuple(x.shape)} needs [N, T] = [{n}, {t}]")
-        skip = torch.tensor(tokens.skip_ids, dtype=ids.dtype, device=device)
-        keep = keep & ~torch.isin(ids.to(device, non_blocking=True), skip)
+        ids = ids.to(device, non_blocking=True)
+        keep = keep & ~torch.isin(ids, bound.skip_tensor(device, ids.dtype))
     if tokens.start:
         keep = keep & (real.cumsum(1) > tokens.start)
     return keep

@@ -1,32 +1,34 @@
-"""capture(): forward hooks that hand each activation to fastcap's compiled ops, which copy or
-reduce it into a preallocated ring of host slots, and the consumers that take it out again.
+"""capture(): forward hooks that hand each activation to fastcap's compiled core, which copies or
+reduces it into a preallocated ring of host slots, and the consumers that take it out again.
 
-One activation's path (fastcap/_steps.py): the layer's forward hook (`_on_output`) picks the
-tensor (`fastcap._outputs.select_tensor`), works out the bytes its result needs
-(`fastcap._slots.plan_parts`), takes a slot of the ring for that key and device (`_acquire`),
-runs the op (`torch.ops.fastcap.copy_into`/`mean_into`/`topk_into`) straight into the slot's
-memory - host memory on CPU, the slot's device staging buffer on CUDA - and commits the slot
-(on CUDA this queues the device-to-host copy on a side stream). The forward then goes on.
+One activation's path: the layer's compiled hook (``fastcap._C.Hook``, see ``csrc/capture_core.cpp``)
+counts the call in its thread's step, takes a free slot of the ring for that call and device
+(``csrc/ring.cpp``), runs the op (``torch.ops.fastcap.copy_into``/``mean_into``/``topk_into``)
+straight into the slot's memory - host memory on CPU, the slot's device staging buffer on CUDA -
+and commits it (on CUDA this queues the device-to-host copy on a side stream,
+``csrc/cuda/transfer.cu``). The forward then goes on. Whatever the hook cannot do in one go (a
+first call, a full ring, token modes) goes through ``fastcap._steps.ForwardHooks``.
 
 Waiting and copying out happen on consumer threads only: the capture's collector thread
-(`collect=True`, the default) moves each finished forward pass out of the rings into host
-tensors for `result()` and `drain()`; with `collect=False` a thread of the user's calls
-`drain()` (extract's writer reads the slots in place). The forward thread waits only when
-every slot of a ring still holds data no consumer has taken: backpressure, counted in
-`stats()["forward_wait_seconds"]`.
+(``collect=True``, the default; compiled, it never takes the GIL) moves each finished forward
+pass out of the rings into host memory that ``result()`` and ``drain()`` hand out without
+copying again; with ``collect=False`` the thread that calls ``drain()`` does it (extract's writer
+reads the slots in place). The forward waits only when every slot of a ring still holds data
+no consumer has taken: backpressure, counted in ``stats()["forward_wait_seconds"]``.
 """
 from __future__ import annotations
 
 import threading
+import warnings
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Union
 
 import torch
 import torch.nn as nn
 
 from fastcap import _ext
-from fastcap._layers import LayerSpec, plan_layers
-from fastcap._slots import Captured, Item, TopK
-from fastcap._steps import Step, StepHooks
+from fastcap._layers import Layer, LayerSpec, plan_layers
+from fastcap._slots import Captured, TopK, assemble
+from fastcap._steps import ForwardHooks
 from fastcap._tokens import TOKEN_INDEX_KEY, BoundTokens, TokenIndex, Tokens
 
 __all__ = ["capture", "Capture"]
@@ -35,9 +37,25 @@ MAX_DEPTH = 1 << 16
 
 Select = Union[None, int, str, Callable[[Any], torch.Tensor]]
 
+# How long a compiled wait lasts before Python gets the GIL back (Ctrl-C is then handled).
+_WAIT_SLICE_SECONDS = 0.1
 
-class Capture(StepHooks):
+
+class Capture:
     """Captures chosen layers' activations while a model runs. Made by :func:`capture`."""
+
+    def __init__(self, model: nn.Module, layers: Dict[str, Layer], depth: int, collect: bool = True,
+                 tokens: Optional[BoundTokens] = None, stop_early: bool = False,
+                 timeout: Optional[float] = None):
+        self._layers = layers
+        self._collect = collect
+        self._core = _ext._C.Core(list(layers), depth, collect)
+        self._hooks = ForwardHooks(model, list(layers.values()), self._core, tokens, stop_early, timeout, self.close)
+        self._model = model
+        self._active = False
+        self._closed = False
+        self._close_lock = threading.RLock()
+        self._warned_not_run = False
 
     # ----------------------------------------------------------------- lifecycle
     @property
@@ -48,19 +66,19 @@ class Capture(StepHooks):
     @property
     def steps_finished(self) -> int:
         """Forward passes finished so far (each call of the model is one)."""
-        return self._steps_finished
+        return self._core.steps_finished
 
     def __enter__(self) -> "Capture":
         if self._active:
             raise RuntimeError("this capture is already active")
+        if self._closed:
+            raise RuntimeError("this capture is closed (its results stay readable): make a new one with "
+                               "fastcap.capture(...) to capture again")
         self._active = True
-        self._stopping = False
-        self._consumer_error = None
-        self._local = threading.local()
         try:
-            self._add_hooks()
+            self._hooks.install()
             if self._collect:
-                self._start_collector()
+                self._core.start_collector()
         except BaseException:
             self.close()
             raise
@@ -78,85 +96,74 @@ class Capture(StepHooks):
         KeyboardInterrupt arriving meanwhile cannot lose it: close() goes on waiting and raises
         the interrupt once the data is safe.
         """
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
+        self._hooks.remove()
         self._active = False
         interrupted: Optional[BaseException] = None
-        try:
-            with self._cond:
-                for tid in list(self._open):
-                    self._finish_locked(tid)
-                pending = [s for s in list(self._steps) + self._claimed
-                           if any(item.pending for item in s.items.values())]
-                known = set(map(id, self._uncollected))
-                self._uncollected.extend(s for s in pending if id(s) not in known)
-                self._stopping = True
-                self._cond.notify_all()
-            if self._uncollected and (self._collector is None or self._collected.is_set()):
-                self._start_collector()
-            # An Event, not Thread.join(): a join interrupted by Ctrl-C may take the thread for
-            # finished while it still copies (bpo-45274).
-            while self._collector is not None and not self._collected.is_set():
+        with self._close_lock:  # close() may come from a hook, the with block and another thread
+            if self._closed:
+                return
+            self._core.stop()  # every open step finished; the collector takes what is left
+            while True:
                 try:
-                    self._collected.wait()
-                    self._collector.join()  # it has nothing left to do: leave no thread behind
+                    if self._core.wait_collected(_WAIT_SLICE_SECONDS):
+                        break
                 except BaseException as exc:  # Ctrl-C while copying out: finish, then raise it
                     interrupted = interrupted or exc
-        finally:
-            self._collector = None
-            for ring in self._rings.values():
-                s = ring.stats()
-                for name in self._closed_totals:
-                    self._closed_totals[name] += s[name]
-                ring.close()
-            self._rings.clear()
+            self._core.close_rings()
+            self._closed = True
         if interrupted is not None:
             raise interrupted
 
     def abort(self, exc: BaseException) -> None:
         """Called by a consumer thread that failed: a forward waiting for a slot raises."""
-        self._consumer_error = exc
+        self._hooks.consumer_error = exc
+
+    # ----------------------------------------------------------------- steps
+    def end_step(self) -> None:
+        """Finishes the step the calling thread has open from hooks that ran outside a call
+        of the model itself (a forward that calls its submodules directly)."""
+        self._core.end_implicit_step()
+
+    def end_stopped_step(self) -> None:
+        """After a forward ended by early exit's ``StopForward``: the model's own post-hook did
+        not run (torch runs always_call hooks for an Exception only), so finish its step here."""
+        self._core.end_stopped_step()
+
+    def layers_not_run(self) -> List[str]:
+        """The requested keys whose module has not run in any forward so far."""
+        return self._hooks.layers_not_run()
+
+    def not_run_message(self, missing: List[str]) -> str:
+        return self._hooks.not_run_message(missing)
+
+    def _warn_layers_not_run(self) -> None:
+        """Once per capture, after at least one forward: name the requested layers that never ran
+        (their keys are missing from result() and drain())."""
+        missing = self.layers_not_run()
+        if missing and self.steps_finished and not self._warned_not_run:
+            self._warned_not_run = True
+            warnings.warn(f"fastcap: {self.not_run_message(missing)}; result() has no key for them",
+                          RuntimeWarning, stacklevel=3)
 
     # ----------------------------------------------------------------- consumers
-    def _start_collector(self) -> None:
-        self._collected = threading.Event()
-        self._collector = threading.Thread(target=self._collect_loop, name="fastcap-collector", daemon=True)
-        self._collector.start()
-
-    def _collect_loop(self) -> None:
-        """The collector thread: copies finished steps out of the rings, oldest first."""
-        try:
-            while True:
-                with self._cond:
-                    while not self._uncollected and not self._stopping:
-                        self._cond.wait()
-                    if not self._uncollected:
-                        return
-                    step = self._uncollected.popleft()
-                for item in step.items.values():
-                    try:
-                        self._materialize(item)
-                    except BaseException as exc:  # a forward waiting for a slot raises it
-                        self._consumer_error = self._consumer_error or exc
-        finally:
-            self._collected.set()
-
-    def _materialize(self, item: Item) -> Captured:
-        in_forward = getattr(self._local, "depth", 0) > 0
-        return item.materialize(lambda seconds: self._counters.copied(seconds, in_forward))
+    def _consumer(self) -> tuple:
+        """(thread name, whether it is inside a forward) of the calling consumer, now known."""
+        self._hooks.consumers.add(threading.get_ident())
+        return threading.current_thread().name, len(self._core.open_step_calls()) > 0
 
     def drain(self, block: bool = False) -> Iterator[Dict[str, Captured]]:
         """Yields each finished forward pass not yet drained, oldest first, exactly once.
 
-        Each step is a dict ``{key: Tensor or TopK}`` of CPU tensors; fastcap keeps no
-        copy, so a loop that drains holds host memory flat. Safe to call from another
-        thread than the one running the model.
+        Each step is a dict ``{key: Tensor or TopK}`` of CPU tensors (with ``tokens=``, the
+        step's ``TokenIndex`` under ``"token_index"``); fastcap keeps no copy, so a loop that
+        drains holds host memory flat. Safe to call from another thread than the one running
+        the model.
 
         Args:
-            block: False (default): stop as soon as no finished step is waiting, for a loop
-                that drains after each forward. True: wait for the next step instead, and stop
-                only once the capture has closed and every step was yielded - a consumer
+            block: False (default): stop as soon as no finished step is waiting with its bytes
+                in host memory (a step still crossing from a GPU comes in a later drain), for a
+                loop that drains after each forward. True: wait for the next step instead, and
+                stop only once the capture has closed and every step was yielded - a consumer
                 thread's loop, which then ends by itself when the ``with`` block exits.
 
         Example::
@@ -175,22 +182,25 @@ class Capture(StepHooks):
                     model(x)
             consumer.join()
         """
-        for step in self._drain_steps(block):
-            try:
-                out = {key: self._materialize(item) for key, item in step.items.items()}
-            finally:
-                with self._cond:
-                    self._claimed.remove(step)
-            yield out
+        thread, in_forward = self._consumer()
+        while True:
+            step = self._core.next_step(block, _WAIT_SLICE_SECONDS, thread, in_forward)
+            if step == 2:  # the slice passed: wait on (Ctrl-C is handled between slices)
+                continue
+            if step == 1:
+                return
+            yield {key: _checked(key, mode, tensors, error) for key, mode, tensors, _, _, error in step}
 
-    def drain_slots(self) -> Iterator[Dict[str, Item]]:
+    def drain_slots(self) -> Iterator[Dict[str, Any]]:
         """Like :meth:`drain`, for a consumer that reads the bytes where they are: yields each
-        finished step as ``{key: Item}`` still in its ring slots. The consumer reads
-        ``item.host_views()`` and must call ``item.release()`` for every item."""
-        for step in self._drain_steps():
-            with self._cond:
-                self._claimed.remove(step)
-            yield step.items
+        finished step as ``{key: fastcap._C.SlotItem}`` still in its ring slots. The consumer
+        reads ``item.host_views()`` and must call ``item.release()`` for every item."""
+        self._consumer()
+        while True:
+            items = self._core.next_slots()
+            if items is None:
+                return
+            yield items
 
     def wait_for_steps(self, timeout: float) -> bool:
         """Blocks until a finished step waits to be drained, for at most ``timeout`` seconds;
@@ -203,49 +213,30 @@ class Capture(StepHooks):
                     for step in cap.drain():
                         write(step)
         """
-        with self._cond:
-            return self._cond.wait_for(lambda: bool(self._steps) or self._stopping, timeout) and bool(self._steps)
+        return self._core.wait_finished(timeout)
 
-    def _drain_steps(self, block: bool = False) -> Iterator[Step]:
-        self._consumers.add(threading.get_ident())
-        while True:
-            with self._cond:
-                self._finish_implicit_locked()
-                if block:
-                    # Until a step finishes or the capture closes (close() finishes every open
-                    # step first, so none is left behind).
-                    self._cond.wait_for(lambda: bool(self._steps) or self._stopping)
-                if not self._steps:
-                    return
-                step = self._steps.popleft()
-                self._claimed.append(step)
-            yield step
-
-    def _undrained_steps(self) -> List[Step]:
-        """The finished steps not drained yet; an implicit step is finished first (and, once the
-        capture is closed, any step still open)."""
-        with self._cond:
-            if self._active:
-                self._finish_implicit_locked()
-            else:
-                for tid in list(self._open):
-                    self._finish_locked(tid)
-            return list(self._steps)
+    def _results(self) -> list:
+        thread, in_forward = self._consumer()
+        return self._core.result(thread, in_forward)
 
     def result(self) -> Dict[str, Captured]:
         """Every captured batch not yet drained, concatenated along dim 0 on CPU, per key.
 
-        Works during and after the ``with`` block; keys are in first-capture order. Each
-        call returns tensors of its own.
+        Works during and after the ``with`` block; keys are in first-capture order. Each call
+        returns tensors of its own, made with one copy per key from the host memory the steps
+        were collected into (``stats()["result_copies"]``), never one per step.
         """
-        steps = self._undrained_steps()
         self._warn_layers_not_run()
-        per_key: Dict[str, List[Captured]] = {}
-        for step in steps:
-            for key, item in step.items.items():
-                if key != TOKEN_INDEX_KEY:
-                    per_key.setdefault(key, []).append(self._materialize(item))
-        return {key: _concat(key, values) for key, values in per_key.items()}
+        out: Dict[str, Captured] = {}
+        for key, mode, steps, merged, error in self._results():
+            if key == TOKEN_INDEX_KEY:
+                continue
+            if error:
+                raise RuntimeError(f"fastcap: copying layer {key!r} out of its ring slot failed: {error}")
+            if not merged:
+                _raise_shapes_differ(key, steps)
+            out[key] = assemble(mode, merged)
+        return out
 
     def token_index(self) -> TokenIndex:
         """Where each row of the ``"tokens"`` (and token ``"topk"``) results came from, for the
@@ -254,12 +245,13 @@ class Capture(StepHooks):
         capture; ``token_id`` is -1 without ids). ``drain()`` hands each step's index out under
         the key ``"token_index"``.
         """
-        steps = self._undrained_steps()
-        parts = [self._materialize(s.items[TOKEN_INDEX_KEY]) for s in steps if TOKEN_INDEX_KEY in s.items]
-        if not parts:
-            empty = torch.zeros(0, dtype=torch.int64)
-            return TokenIndex(empty, empty.clone(), empty.clone())
-        return TokenIndex(*(torch.cat([getattr(p, f) for p in parts]) for f in TokenIndex._fields))
+        for key, mode, steps, merged, error in self._results():
+            if key == TOKEN_INDEX_KEY:
+                if error:
+                    raise RuntimeError(f"fastcap: copying the token index out of its ring slot failed: {error}")
+                return TokenIndex(*merged)
+        empty = torch.zeros(0, dtype=torch.int64)
+        return TokenIndex(empty, empty.clone(), empty.clone())
 
     def stats(self) -> Dict[str, Any]:
         """Counters of the capture so far.
@@ -267,54 +259,53 @@ class Capture(StepHooks):
         ``steps``, ``bytes_captured``, ``pinned_bytes``, ``host_bytes``, ``device_bytes`` (held
         by the rings now), ``stall_seconds`` = ``forward_wait_seconds`` (time the forward
         waited for a free slot), ``forwards_waiting`` (forwards waiting for one right now),
-        ``copy_out_seconds`` (time consumers spent moving bytes out
-        of the rings), ``materializations`` (``{thread name: count}``: who did that work),
+        ``copy_out_seconds`` (time consumers spent moving bytes out of the rings),
+        ``materializations`` (``{thread name: count}``: who did that work, per captured item),
         ``materializations_on_forward`` (how many ran inside a forward: 0 when consumers keep
-        up), ``d2h_gbps`` (bytes copied from GPUs over the union of the busy intervals of
-        those copies; 0.0 when nothing crossed), ``slots``, ``resizes``, and the process-wide
-        host memory pool's ``pool_pinned_bytes``, ``pool_plain_bytes``, ``pool_cached_bytes``.
+        up), ``arena_copies`` (item parts copied out of the rings: one each), ``result_copies``
+        (tensors ``result()`` made: one per key and part, whatever the steps),
+        ``d2h_gbps`` (bytes copied from GPUs over the union of the busy intervals of those
+        copies; 0.0 when nothing crossed), ``slots``, ``resizes``, and the process-wide host
+        memory pool's ``pool_pinned_bytes``, ``pool_plain_bytes``, ``pool_cached_bytes``.
         """
-        totals = dict(self._closed_totals)
-        live = {"pinned_bytes": 0, "host_bytes": 0, "device_bytes": 0, "slots": 0}
-        for ring in list(self._rings.values()):
-            s = ring.stats()
-            for name in totals:
-                totals[name] += s[name]
-            for name in live:
-                live[name] += s[name]
-        busy = self._timeline.busy_seconds()
+        totals, live = self._core.ring_totals()
+        timeline = self._core.timeline
+        busy = timeline.busy_seconds()
         pool = _ext._C.pool_stats()
-        c = self._counters
-        with c.lock:
-            counters = {"forward_wait_seconds": c.forward_wait_seconds, "forwards_waiting": c.waiting,
-                        "copy_out_seconds": c.copy_out_seconds,
-                        "materializations": dict(c.by_thread), "materializations_on_forward": c.on_forward}
+        counters = self._core.counters()
+        hooks = self._hooks
         return {
-            "steps": self._steps_finished,
+            "steps": self.steps_finished,
             "bytes_captured": totals["bytes_captured"],
-            **live,
+            "pinned_bytes": live["pinned_bytes"],
+            "host_bytes": live["host_bytes"],
+            "device_bytes": live["device_bytes"],
+            "slots": live["slots"],
             "resizes": totals["resizes"],
-            "stall_seconds": counters["forward_wait_seconds"],
+            "stall_seconds": hooks.forward_wait_seconds,
+            "forward_wait_seconds": hooks.forward_wait_seconds,
+            "forwards_waiting": hooks.waiting,
             **counters,
-            "d2h_gbps": self._timeline.bytes() / busy / 1e9 if busy > 0 else 0.0,
+            "d2h_gbps": timeline.bytes() / busy / 1e9 if busy > 0 else 0.0,
             "pool_pinned_bytes": pool["pinned_allocated_bytes"],
             "pool_plain_bytes": pool["plain_allocated_bytes"],
             "pool_cached_bytes": pool["pinned_cached_bytes"] + pool["plain_cached_bytes"],
         }
 
 
-def _concat(key: str, values: List[Captured]) -> Captured:
-    """One key's steps along dim 0, as new tensors; a clear error when their shapes differ."""
-    shapes = [tuple((v.values if isinstance(v, TopK) else v).shape) for v in values]
-    odd = next((s for s in shapes if s[1:] != shapes[0][1:]), None)
-    if odd is not None:
-        raise ValueError(
-            f"layer {key!r}: result() concatenates steps along dim 0, but their shapes differ beyond "
-            f"it ({shapes[0]} and {odd}, e.g. sequences of different lengths); take the steps one by "
-            "one with drain(), or make the shapes equal (pad, or reduce='mean')")
-    if isinstance(values[0], TopK):
-        return TopK(torch.cat([v.values for v in values]), torch.cat([v.indices for v in values]))
-    return torch.cat(values)
+def _checked(key: str, mode: str, tensors: List[torch.Tensor], error: str) -> Captured:
+    if error:
+        raise RuntimeError(f"fastcap: copying layer {key!r} out of its ring slot failed: {error}")
+    return assemble(mode, tensors)
+
+
+def _raise_shapes_differ(key: str, steps: List[List[torch.Tensor]]) -> None:
+    shapes = [tuple(s[0].shape) for s in steps]
+    odd = next((s for s in shapes if s[1:] != shapes[0][1:]), shapes[-1])
+    raise ValueError(
+        f"layer {key!r}: result() concatenates steps along dim 0, but their shapes differ beyond "
+        f"it ({shapes[0]} and {odd}, e.g. sequences of different lengths); take the steps one by "
+        "one with drain(), or make the shapes equal (pad, or reduce='mean')")
 
 
 def _check_timeout(timeout: Any) -> None:

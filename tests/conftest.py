@@ -64,6 +64,36 @@ def _rings_freed():
     assert _ext.live_pinned_bytes() == 0
 
 
+class AsyncCopies:
+    """CPU rings whose bytes reach host memory the way the CUDA side stream's do: later, in
+    order, on a worker thread (fastcap's AsyncTestTransfer), each copy after ``delay`` seconds
+    and, when ``gated``, only once :meth:`open_gate` or :meth:`release` lets it; ``failing``:
+    every copy fails, as a device error would."""
+
+    def __call__(self, delay: float = 0.0, gated: bool = False, failing: bool = False) -> "AsyncCopies":
+        _ext._C.set_async_test_transfer(True, delay, gated, failing)
+        return self
+
+    @staticmethod
+    def open_gate() -> None:
+        _ext._C.open_test_transfer_gate()
+
+    @staticmethod
+    def release(count: int) -> None:
+        _ext._C.release_test_transfer_copies(count)
+
+
+@pytest.fixture
+def async_copies():
+    """``async_copies(delay=0.0, gated=False)``: rings made from now on (for CPU activations)
+    copy asynchronously, as on CUDA. Undone, and any gate opened, at the end of the test."""
+    try:
+        yield AsyncCopies()
+    finally:
+        _ext._C.open_test_transfer_gate()
+        _ext._C.set_async_test_transfer(False)
+
+
 @pytest.fixture
 def tiny_cnn():
     torch.manual_seed(0)
@@ -76,4 +106,23 @@ def tiny_cnn():
 
 
 __all__ = ["fastcap", "HAS_CUDA", "needs_cuda", "DEVICES", "hook_count", "native_threads",
-           "assert_mean_close", "mean_reference", "distinct_along"]
+           "assert_mean_close", "mean_reference", "distinct_along", "AsyncCopies"]
+
+
+def _needs_cuda_mark(mark) -> bool:
+    return mark.name == "skipif" and mark.kwargs.get("reason") == needs_cuda.kwargs["reason"]
+
+
+def _is_cuda(value) -> bool:
+    return isinstance(value, (str, torch.device)) and (str(value) == "cuda" or str(value).startswith("cuda:"))
+
+
+def pytest_collection_modifyitems(config, items):
+    """Mark `cuda` every test that needs CUDA, so that `pytest -m cuda` runs exactly those (the
+    GPU check's test step): the ones carrying `needs_cuda` (module `pytestmark`, decorator, or
+    the cuda entry of DEVICES) and any parametrized with a "cuda" device."""
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        if (any(_needs_cuda_mark(m) for m in item.iter_markers("skipif"))
+                or (callspec is not None and any(_is_cuda(v) for v in callspec.params.values()))):
+            item.add_marker(pytest.mark.cuda)

@@ -25,29 +25,6 @@ import torch.nn as nn
 import fastcap
 from conftest import DEVICES, hook_count
 
-# ------------------------------------------------------------------ the one internal used here
-# Cases 2 and 19 must inject a failure / a delay into the per-item copy-out from a ring slot
-# into host memory: fastcap._slots.Item.materialize; when it moves, change only this fixture.
-_slots_module = importlib.import_module("fastcap._slots")
-
-
-@pytest.fixture
-def wrap_copy_out(monkeypatch):
-    """``wrap_copy_out(before)``: from now on every per-item copy-out first calls ``before()``
-    (which may sleep or raise). Undone at the end of the test."""
-
-    def install(before):
-        original = _slots_module.Item.materialize
-
-        def copy_out(item, *args, **kwargs):
-            before()
-            return original(item, *args, **kwargs)
-
-        monkeypatch.setattr(_slots_module.Item, "materialize", copy_out)
-
-    return install
-
-
 # ------------------------------------------------------------------ shared helpers
 
 
@@ -95,12 +72,12 @@ def _waiting_in_close(thread_id: int) -> bool:
     return "close" in names and names[0] in ("wait", "close")
 
 
-def test_interrupted_close_keeps_every_captured_step(wrap_copy_out):
+def test_interrupted_close_keeps_every_captured_step(async_copies):
     """Case 2: a KeyboardInterrupt while close() copies steps out loses all of them
     (result() then raises "take() on a closed ring").
 
-    Deterministic: every copy-out waits until the Ctrl-C has been delivered, and the Ctrl-C is
-    sent only once the main thread waits inside close() for those copy-outs."""
+    Deterministic: no copy to host lands until the Ctrl-C has been delivered, and the Ctrl-C is
+    sent only once the main thread waits inside close() for those copies."""
     model = head_model()
     xs = [torch.full((2, 3), float(i)) for i in range(3)]
     delivered = threading.Event()
@@ -108,6 +85,7 @@ def test_interrupted_close_keeps_every_captured_step(wrap_copy_out):
 
     def on_sigint(signum, frame):
         delivered.set()
+        async_copies.open_gate()
         raise KeyboardInterrupt
 
     previous = signal.signal(signal.SIGINT, on_sigint)
@@ -118,11 +96,11 @@ def test_interrupted_close_keeps_every_captured_step(wrap_copy_out):
             time.sleep(0.001)  # polling a state, not waiting for a time
         signal.pthread_kill(main, signal.SIGINT)
 
-    wrap_copy_out(lambda: delivered.wait(60))  # no copy-out before the Ctrl-C has landed
+    async_copies(gated=True)  # no copy lands before the Ctrl-C has
     sender = threading.Thread(target=send_when_main_waits_in_close)
     try:
         with pytest.raises(KeyboardInterrupt):
-            # A slot per step: the held-up copy-outs never make the forward wait.
+            # A slot per step: the held-up copies never make the forward wait.
             with fastcap.capture(model, "head", depth=len(xs)) as cap:
                 for x in xs:
                     model(x)
@@ -590,10 +568,10 @@ def test_k_is_checked_wherever_given(reduce, k, error, facts):
 
 
 @pytest.mark.parametrize("depth", [1, 2])
-def test_drain_in_a_consumer_thread_never_crashes_the_forward(depth, wrap_copy_out):
+def test_drain_in_a_consumer_thread_never_crashes_the_forward(depth, async_copies):
     """Case 19: drain() in a consumer thread with depth=1 and a slow copy-out crashes the
     forward with "no ring slot can be freed"."""
-    wrap_copy_out(lambda: time.sleep(0.02))  # a slow copy-out
+    async_copies(delay=0.02)  # slow copies to host
     model = head_model()
     xs = [torch.full((2, 3), float(i)) for i in range(10)]
     got, errors = [], []
@@ -608,7 +586,8 @@ def test_drain_in_a_consumer_thread_never_crashes_the_forward(depth, wrap_copy_o
                     got.append(step["head"])
                     drained = True
                 if not drained:
-                    if forwards_done.is_set():
+                    if forwards_done.is_set():  # the capture is closed: the steps still in flight
+                        got.extend(step["head"] for step in cap.drain(block=True))
                         return
                     time.sleep(0.001)
         except Exception as exc:

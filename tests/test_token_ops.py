@@ -325,7 +325,7 @@ def test_token_opcheck(device, sample):
 # --- the ring's counted commit (CPU: the op wrote host memory) -------------------------
 
 def test_ring_commit_counted_on_host():
-    ring = _C.Ring(2, False)
+    ring = _C.Ring(2, torch.device("cpu"))
     try:
         src = torch.randn(2, 6, 4)
         keep = torch.zeros(2, 6, dtype=torch.bool)
@@ -333,26 +333,28 @@ def test_ring_commit_counted_on_host():
         keep[1, 2] = True
         row_bytes = 4 * 4
         # The count first, then room for N*T rows: the slot's bytes end with the counted rows.
-        slot = ring.acquire(8 + 12 * row_bytes, 0.0)
-        host = ring.host(slot)
+        upper = 8 + 12 * row_bytes
+        slot = ring.acquire(upper, 0.0)
+        host = ring.target(slot, torch.device("cpu"))
         count = host[:8].view(torch.int64)
-        rows = host[8:8 + 12 * row_bytes].view(torch.float32).view(12, 4)
+        rows = host[8:upper].view(torch.float32).view(12, 4)
         _ops.tokens_into(src, keep, 1, rows, count)
-        ring.commit_counted(slot, 0, [(8, row_bytes)], False)
+        ring.commit_counted(slot, 0, [(8, row_bytes)], upper)
+        assert ring.ready(slot)  # the op wrote host memory: final at once
         ring.wait(slot)
-        taken = ring.take(slot)
-        assert taken.numel() == 8 + 5 * row_bytes
-        assert taken[:8].view(torch.int64).item() == 5
-        assert torch.equal(taken[8:].view(torch.float32).view(5, 4), src[keep])
+        got = ring.host(slot)
+        assert got[:8].view(torch.int64).item() == 5
+        assert torch.equal(got[8:8 + 5 * row_bytes].view(torch.float32).view(5, 4), src[keep])
         assert ring.stats()["bytes_captured"] == 8 + 5 * row_bytes
         with pytest.raises(RuntimeError, match="was not acquired"):
-            ring.commit_counted(slot, 0, [], False)
+            ring.commit_counted(slot, 0, [], 8)
+        ring.release(slot)
         slot = ring.acquire(64, 0.0)
-        ring.host(slot)[:8].view(torch.int64).fill_(1000)  # 1000 rows do not fit
+        ring.target(slot, torch.device("cpu"))[:8].view(torch.int64).fill_(1000)  # 1000 rows do not fit
         with pytest.raises(RuntimeError, match="overrun the slot's capacity"):
-            ring.commit_counted(slot, 0, [(8, 16)], False)
-        ring.host(slot)[:8].view(torch.int64).fill_(2)
-        ring.commit_counted(slot, 0, [(8, 16)], False)  # still acquired after the failure
+            ring.commit_counted(slot, 0, [(8, 16)], 64)
+        ring.target(slot, torch.device("cpu"))[:8].view(torch.int64).fill_(2)
+        ring.commit_counted(slot, 0, [(8, 16)], 64)  # still acquired after the failure
         ring.release(slot)
     finally:
         ring.close()

@@ -192,6 +192,11 @@ void mean_into_cpu(const at::Tensor& src, int64_t channel_dim, const at::Tensor&
     dst.fill_(std::numeric_limits<float>::quiet_NaN());
     return;
   }
+  if (r.numel == 1) {
+    // Nothing to average ([N, C], or unit dims around it): the values themselves, as float32.
+    dst.copy_(src.as_strided({N, C}, {src.stride(0), src.stride(channel)}));
+    return;
+  }
   const bool channels_inner = channels_innermost(src, channel, r);
   float* out = dst.mutable_data_ptr<float>();
   AT_DISPATCH_ALL_TYPES_AND2(at::kHalf, at::kBFloat16, src.scalar_type(), "fastcap_mean_into_cpu", [&] {

@@ -21,6 +21,8 @@ namespace {
 constexpr int64_t kMaxGridX = 1 << 16;  // blocks of a grid-stride loop: enough to fill the GPU
 constexpr int64_t kMaxGridY = 65535;    // CUDA's limit on gridDim.y
 constexpr int kThreads = 256;
+// Shared memory a per-row top-k may stage (within the 48 KB every GPU gives a block).
+constexpr size_t kMaxTopkSharedBytes = 40 * 1024;
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
@@ -267,6 +269,75 @@ void pool_tokens_into_cuda(const at::Tensor& src, const at::Tensor& keep, int64_
   });
 }
 
+// Top-k of one kept row per block, straight from src into the row's place in values/indices:
+// the row's C values are staged in shared memory (as acc_t), and k rounds of a block-wide
+// argmax pick them largest first (NaN counts as the largest, as in torch.topk; ties go to the
+// lower channel). Rows that are not kept cost one comparison: no temporary, no work on pads.
+template <typename scalar_t, typename acc_t>
+__global__ void topk_kept_rows_kernel(const scalar_t* __restrict__ src, int64_t T, int64_t C, int64_t sN,
+                                      int64_t sT, int64_t sC, const int64_t* __restrict__ pos, int64_t NT, int64_t k,
+                                      scalar_t* __restrict__ values, int64_t* __restrict__ indices) {
+  extern __shared__ unsigned char smem[];
+  acc_t* row = reinterpret_cast<acc_t*>(smem);
+  unsigned char* taken = smem + C * sizeof(acc_t);
+  __shared__ acc_t best_v[kThreads];
+  __shared__ int64_t best_i[kThreads];
+  for (int64_t i = blockIdx.x; i < NT; i += gridDim.x) {
+    int64_t j;
+    if (!kept_row(pos, i, &j)) continue;  // uniform across the block: no divergence at the syncs
+    const scalar_t* from = src + (i / T) * sN + (i % T) * sT;
+    for (int64_t c = threadIdx.x; c < C; c += blockDim.x) {
+      row[c] = static_cast<acc_t>(from[c * sC]);
+      taken[c] = 0;
+    }
+    __syncthreads();
+    for (int64_t r = 0; r < k; ++r) {
+      acc_t v = 0;
+      int64_t idx = -1;
+      for (int64_t c = threadIdx.x; c < C; c += blockDim.x) {
+        if (taken[c]) continue;
+        const acc_t x = row[c];
+        // x beats v: v unset, x NaN over a number, or larger (the lower channel keeps a tie).
+        if (idx < 0 || (x != x && v == v) || (x == x && v == v && x > v)) {
+          v = x;
+          idx = c;
+        }
+      }
+      best_v[threadIdx.x] = v;
+      best_i[threadIdx.x] = idx;
+      __syncthreads();
+      for (int stride = blockDim.x / 2; stride > 0; stride /= 2) {
+        if (threadIdx.x < stride) {
+          const acc_t a = best_v[threadIdx.x], b = best_v[threadIdx.x + stride];
+          const int64_t ia = best_i[threadIdx.x], ib = best_i[threadIdx.x + stride];
+          bool take_b = false;
+          if (ib >= 0) {
+            if (ia < 0) {
+              take_b = true;
+            } else if (b != b) {
+              take_b = a == a || ib < ia;
+            } else if (a == a) {
+              take_b = b > a || (b == a && ib < ia);
+            }
+          }
+          if (take_b) {
+            best_v[threadIdx.x] = b;
+            best_i[threadIdx.x] = ib;
+          }
+        }
+        __syncthreads();
+      }
+      if (threadIdx.x == 0) {
+        const int64_t c = best_i[0];
+        values[j * k + r] = from[c * sC];  // the value itself, in src's dtype
+        indices[j * k + r] = c;
+        taken[c] = 1;
+      }
+      __syncthreads();
+    }
+  }
+}
+
 void tokens_topk_into_cuda(const at::Tensor& src, const at::Tensor& keep, int64_t token_dim, int64_t k,
                            const at::Tensor& values, const at::Tensor& indices, const at::Tensor& count) {
   FASTCAP_CHECK_CUDA(src);
@@ -283,12 +354,28 @@ void tokens_topk_into_cuda(const at::Tensor& src, const at::Tensor& keep, int64_
     return;
   }
   const at::Tensor pos = kept_positions(keep, count);
-  // The kept rows compacted first, then ATen's top-k over all N*T rows (it cannot know
-  // how many are real without a sync): the rows past count are garbage ranked, unused.
-  const at::Tensor kept = at::empty({NT, d.C}, src.options());
-  compact_same_dtype(src, pos, kept.mutable_data_ptr(), c10::cuda::getCurrentCUDAStream().stream());
-  at::Tensor values_out = values, indices_out = indices;
-  at::topk_out(values_out, indices_out, kept, k, 1, /*largest=*/true, /*sorted=*/true);
+  const auto stream = c10::cuda::getCurrentCUDAStream().stream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, src.scalar_type(), "fastcap_tokens_topk_into_cuda", [&] {
+    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    const size_t shared = static_cast<size_t>(d.C) * (sizeof(acc_t) + 1);
+    if (shared <= kMaxTopkSharedBytes) {
+      // One block per kept row, straight into the slot: top-k over the kept rows only.
+      const int64_t blocks = std::min<int64_t>(NT, kMaxGridX);
+      topk_kept_rows_kernel<scalar_t, acc_t><<<blocks, kThreads, shared, stream>>>(
+          src.const_data_ptr<scalar_t>(), d.T, d.C, src.stride(0), src.stride(1), src.stride(2),
+          pos.const_data_ptr<int64_t>(), NT, k, values.mutable_data_ptr<scalar_t>(),
+          indices.mutable_data_ptr<int64_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      return;
+    }
+    // Rows too wide for shared memory: the kept rows compacted first, then ATen's top-k over
+    // all N*T rows (it cannot know how many are real without a sync; the rows past count are
+    // garbage ranked, unused).
+    const at::Tensor kept = at::empty({NT, d.C}, src.options());
+    compact_same_dtype(src, pos, kept.mutable_data_ptr(), stream);
+    at::Tensor values_out = values, indices_out = indices;
+    at::topk_out(values_out, indices_out, kept, k, 1, /*largest=*/true, /*sorted=*/true);
+  });
 }
 
 }  // namespace

@@ -1,7 +1,8 @@
 // C++ tests of the ring (run by ctest): wraparound, backpressure, resize, close, counted
-// commits.
+// commits, and the same protocol with copies in flight (the async test transfer).
 #include "ring.h"
 #include "tests/expect.h"
+#include "transfer.h"
 
 #include <atomic>
 #include <chrono>
@@ -14,17 +15,36 @@
 
 namespace {
 
+const at::Device kCpu(at::kCPU);
+
+// A plain ring whose bytes are final at commit (CPU), or (async) copied later on a worker
+// thread, the way the CUDA side stream copies them.
+std::unique_ptr<fastcap::Ring> make_ring(int64_t depth, bool async = false, bool gated = false) {
+  std::unique_ptr<fastcap::Transfer> transfer;
+  if (async) {
+    transfer = fastcap::make_async_test_transfer(depth, {true, 0.0, gated});
+  } else {
+    transfer = std::make_unique<fastcap::HostTransfer>();
+  }
+  return std::make_unique<fastcap::Ring>(depth, /*pinned=*/false, std::move(transfer));
+}
+
+uint8_t* target_bytes(fastcap::Ring& ring, int64_t slot) {
+  return ring.target(slot, kCpu, nullptr).data_ptr<uint8_t>();
+}
+
 
 void wraparound() {
-  fastcap::Ring ring(3, /*pinned=*/false);
+  auto owner = make_ring(3);
+  fastcap::Ring& ring = *owner;
   std::vector<int64_t> order;
   for (int step = 0; step < 10; ++step) {
     int64_t slot = ring.acquire(16, 0.0);
     EXPECT(slot >= 0);
     order.push_back(slot);
     at::Tensor host = ring.host(slot);
-    std::memset(host.data_ptr(), step, 16);
-    ring.commit(slot, 16, /*from_staging=*/false);
+    std::memset(target_bytes(ring, slot), step, 16);
+    ring.commit(slot, 16);
     ring.wait(slot);
     EXPECT(host.data_ptr<uint8_t>()[15] == step);
     ring.release(slot);
@@ -38,22 +58,24 @@ void wraparound() {
 }
 
 void full_ring_times_out_then_frees() {
-  fastcap::Ring ring(2, false);
+  auto owner = make_ring(2);
+  fastcap::Ring& ring = *owner;
   int64_t a = ring.acquire(8, 0.0), b = ring.acquire(8, 0.0);
   EXPECT(a >= 0 && b >= 0 && a != b);
   EXPECT(ring.acquire(8, 0.0) == -1);   // no slot, no wait
   EXPECT(ring.acquire(8, 0.05) == -1);  // no slot after waiting
   EXPECT(ring.stats().stall_seconds >= 0.04);
-  ring.commit(a, 8, false);
+  ring.commit(a, 8);
   ring.release(a);
   EXPECT(ring.acquire(8, 0.0) == a);
 }
 
 void backpressure_waits_for_consumer() {
-  fastcap::Ring ring(2, false);
+  auto owner = make_ring(2);
+  fastcap::Ring& ring = *owner;
   int64_t a = ring.acquire(8, 0.0), b = ring.acquire(8, 0.0);
-  ring.commit(a, 8, false);
-  ring.commit(b, 8, false);
+  ring.commit(a, 8);
+  ring.commit(b, 8);
   std::thread consumer([&] {
     std::this_thread::sleep_for(std::chrono::milliseconds(100));
     ring.wait(a);
@@ -69,20 +91,21 @@ void backpressure_waits_for_consumer() {
 }
 
 void resize_grows_instead_of_overrunning() {
-  fastcap::Ring ring(2, false);
+  auto owner = make_ring(2);
+  fastcap::Ring& ring = *owner;
   int64_t a = ring.acquire(5000, 0.0);
   EXPECT(ring.stats().slot_bytes == 5120);  // the pool's bucket for 5000 bytes
   EXPECT(ring.acquire(4000, 0.0) >= 0);     // fits the preallocated slot: no resize
   EXPECT(ring.stats().resizes == 0);
-  ring.commit(1 - a, 0, false);
+  ring.commit(1 - a, 0);
   ring.release(1 - a);
   at::Tensor old_view = ring.host(a);
-  std::memset(old_view.data_ptr(), 7, 5000);
-  ring.commit(a, 5000, false);
+  std::memset(target_bytes(ring, a), 7, 5000);
+  ring.commit(a, 5000);
   ring.release(a);
   int64_t b = ring.acquire(10000, 0.0);  // one slot, grown
   EXPECT(b == a && ring.host(b).numel() >= 10000);
-  ring.commit(b, 10000, false);
+  ring.commit(b, 10000);
   ring.release(b);
   int64_t c = ring.acquire(10000, 0.0);  // the other, grown too
   EXPECT(c == 1 - a);
@@ -92,7 +115,7 @@ void resize_grows_instead_of_overrunning() {
   EXPECT(old_view.data_ptr<uint8_t>()[4999] == 7);
   bool threw = false;
   try {
-    ring.commit(c, 50000, false);  // more than the slot holds
+    ring.commit(c, 50000);  // more than the slot holds
   } catch (const c10::Error&) {
     threw = true;
   }
@@ -102,7 +125,8 @@ void resize_grows_instead_of_overrunning() {
 void close_frees_and_wakes() {
   const int64_t before = fastcap::live_host_bytes();
   {
-    fastcap::Ring ring(2, false);
+    auto owner = make_ring(2);
+  fastcap::Ring& ring = *owner;
     ring.acquire(4096, 0.0);
     ring.acquire(4096, 0.0);
     EXPECT(fastcap::live_host_bytes() - before >= 8192);
@@ -123,33 +147,26 @@ void close_frees_and_wakes() {
   EXPECT(fastcap::live_host_bytes() == before);
 }
 
-void take_hands_the_buffer_over() {
-  const int64_t before = fastcap::live_host_bytes();
-  fastcap::Ring ring(1, false);
-  int64_t a = ring.acquire(256, 0.0);
+// try_acquire() (the hot path) never waits and never allocates: before the first acquire, for
+// a request larger than the next free slot, and on a full ring it says -1.
+void try_acquire_never_waits_nor_allocates() {
+  auto owner = make_ring(2);
+  fastcap::Ring& ring = *owner;
+  EXPECT(ring.try_acquire(64) == -1);  // nothing allocated yet
+  const int64_t a = ring.acquire(64, 0.0);
   const int64_t capacity = ring.host(a).numel();
-  EXPECT(capacity == 4096);  // the smallest bucket
-  std::memset(ring.host(a).data_ptr(), 3, 256);
-  ring.commit(a, 200, false);
-  at::Tensor taken = ring.take(a);  // the slot is free again, its bytes are ours
-  EXPECT(ring.free_slots() == 1);
-  // Exactly the committed bytes: the storage is no larger either.
-  EXPECT(taken.numel() == 200 && taken.data_ptr<uint8_t>()[199] == 3);
-  EXPECT(taken.storage().nbytes() == 200);
-  // Detached: not ring memory any more. The slot holds its next buffer already (take()
-  // refills it on the consumer's thread), as large as before.
-  EXPECT(fastcap::live_host_bytes() == before + capacity);
-  int64_t b = ring.acquire(128, 0.0);               // a fresh buffer, as large as before
-  EXPECT(b == a && ring.host(b).numel() == capacity);
-  std::memset(ring.host(b).data_ptr(), 9, capacity);
-  EXPECT(taken.data_ptr<uint8_t>()[0] == 3);        // the taken bytes are untouched
-  EXPECT(ring.stats().resizes == 0);
-  ring.commit(b, 0, false);
-  EXPECT(ring.take(b).numel() == 0);
-  EXPECT(ring.acquire(2 * capacity, 0.0) == b);  // larger than before: a resize
-  EXPECT(ring.host(b).numel() >= 2 * capacity && ring.stats().resizes == 1);
+  const uint64_t generation = ring.generation(a);
+  EXPECT(ring.try_acquire(capacity + 1) == -1);  // would need growing
+  const int64_t b = ring.try_acquire(capacity);
+  EXPECT(b == 1 - a);
+  EXPECT(ring.try_acquire(1) == -1);  // full
+  ring.commit(a, 8);
+  ring.release(a);
+  EXPECT(ring.try_acquire(8) == a && ring.generation(a) == generation);  // the same buffer
+  ring.commit(a, 0);
+  ring.release(a);
+  EXPECT(ring.acquire(2 * capacity, 0.0) == a && ring.generation(a) != generation);  // grown: a new buffer
   ring.close();
-  EXPECT(fastcap::live_host_bytes() == before);
 }
 
 // Producers on several threads, each growing its batch now and then, and one consumer:
@@ -157,7 +174,8 @@ void take_hands_the_buffer_over() {
 void concurrent_producers_and_growth() {
   const int64_t before = fastcap::live_host_bytes();
   {
-    fastcap::Ring ring(3, false);
+    auto owner = make_ring(3);
+    fastcap::Ring& ring = *owner;
     std::vector<std::thread> producers;
     std::atomic<int64_t> committed{0};
     for (int t = 0; t < 4; ++t) {
@@ -170,8 +188,8 @@ void concurrent_producers_and_growth() {
             ++fastcap_test::failures;
             std::fprintf(stderr, "slot %ld holds %ld < %ld bytes\n", long(slot), long(h.numel()), long(n));
           }
-          std::memset(h.data_ptr(), t, n);
-          ring.commit(slot, n, false);
+          std::memset(target_bytes(ring, slot), t, n);
+          ring.commit(slot, n);
           ring.wait(slot);
           if (h.data_ptr<uint8_t>()[n - 1] != t) ++fastcap_test::failures;
           ring.release(slot);
@@ -201,56 +219,99 @@ bool throws(Fn&& fn) {
 // commit, and the slot's bytes end with the last counted row.
 void counted_commit_on_host() {
   const int64_t before = fastcap::live_host_bytes();
-  fastcap::Ring ring(2, false);
+  auto owner = make_ring(2);
+  fastcap::Ring& ring = *owner;
   const int64_t a = ring.acquire(1024, 0.0);
   const int64_t capacity = ring.host(a).numel();
-  auto* p = ring.host(a).data_ptr<uint8_t>();
+  auto* p = target_bytes(ring, a);
   auto put_count = [](uint8_t* at, int64_t count) { std::memcpy(at, &count, sizeof(count)); };
   put_count(p, 3);                // the count first,
   std::memset(p + 8, 5, 3 * 16);  // 3 rows of 16 bytes from offset 8,
   std::memset(p + 512, 6, 3 * 4); // and 3 of 4 bytes from offset 512
-  EXPECT(throws([&] { ring.commit_counted(1 - a, 0, {}, false); }));  // not acquired
-  ring.commit_counted(a, 0, {{8, 16}, {512, 4}}, false);
+  EXPECT(throws([&] { ring.commit_counted(1 - a, 0, {}, 8); }));  // not acquired
+  ring.commit_counted(a, 0, {{8, 16}, {512, 4}}, 1024);
   EXPECT(ring.stats().commits == 1);
   EXPECT(ring.stats().bytes_captured == 512 + 3 * 4);
-  EXPECT(throws([&] { ring.commit_counted(a, 0, {}, false); }));  // committed already
-  ring.wait(a);
-  at::Tensor taken = ring.take(a);
-  EXPECT(taken.numel() == 512 + 3 * 4);
-  const auto* t = taken.data_ptr<uint8_t>();
-  int64_t count = 0;
-  std::memcpy(&count, t, sizeof(count));
-  EXPECT(count == 3 && t[8 + 3 * 16 - 1] == 5 && t[512 + 3 * 4 - 1] == 6);
+  EXPECT(throws([&] { ring.commit_counted(a, 0, {}, 8); }));  // committed already
+  EXPECT(ring.ready(a));
+  const auto bytes = ring.final_bytes(a);
+  EXPECT(bytes.count == 3 && bytes.nbytes == 512 + 3 * 4);
+  EXPECT(bytes.data[8 + 3 * 16 - 1] == 5 && bytes.data[512 + 3 * 4 - 1] == 6);
+  ring.release(a);
   EXPECT(ring.free_slots() == 2);
 
   // Counts that do not fit leave the slot acquired, as it was.
   const int64_t b = ring.acquire(1024, 0.0);
-  auto* q = ring.host(b).data_ptr<uint8_t>();
+  auto* q = target_bytes(ring, b);
   put_count(q, capacity);  // capacity rows of 16 bytes: past the end
-  EXPECT(throws([&] { ring.commit_counted(b, 0, {{8, 16}}, false); }));
+  EXPECT(throws([&] { ring.commit_counted(b, 0, {{8, 16}}, 1024); }));
   put_count(q, -1);
-  EXPECT(throws([&] { ring.commit_counted(b, 0, {{8, 16}}, false); }));
-  EXPECT(throws([&] { ring.commit_counted(b, capacity - 4, {}, false); }));  // count past the end
-  EXPECT(throws([&] { ring.commit_counted(b, -8, {}, false); }));
-  EXPECT(throws([&] { ring.commit_counted(b, 0, {{capacity + 1, 0}}, false); }));
+  EXPECT(throws([&] { ring.commit_counted(b, 0, {{8, 16}}, 1024); }));
+  EXPECT(throws([&] { ring.commit_counted(b, capacity - 4, {}, capacity); }));  // count past the end
+  EXPECT(throws([&] { ring.commit_counted(b, -8, {}, 8); }));
+  EXPECT(throws([&] { ring.commit_counted(b, 0, {{capacity + 1, 0}}, 8); }));
+  EXPECT(throws([&] { ring.commit_counted(b, 0, {}, capacity + 1); }));  // upper bound past the end
   EXPECT(ring.free_slots() == 1 && ring.stats().commits == 1);
-  // No rows: only the count's bytes, and a plain commit after it is plain again.
+  // No rows: only the count's bytes.
   put_count(q, 0);
-  ring.commit_counted(b, 0, {{8, 16}}, false);
+  ring.commit_counted(b, 0, {{8, 16}}, 1024);
   ring.wait(b);
+  EXPECT(ring.final_bytes(b).nbytes == 8);
   ring.release(b);
   EXPECT(ring.stats().bytes_captured == 512 + 3 * 4 + 8);
-  const int64_t c = ring.acquire(1024, 0.0);
-  ring.commit(c, 100, false);
-  EXPECT(ring.take(c).numel() == 100);
-#ifndef FASTCAP_WITH_CUDA
-  const int64_t d = ring.acquire(1024, 0.0);
-  EXPECT(throws([&] { ring.commit_counted(d, 0, {}, /*from_staging=*/true); }));
-  ring.release(d);
-#endif
   EXPECT(ring.free_slots() == 2);
   ring.close();
-  EXPECT(throws([&] { ring.commit_counted(0, 0, {}, false); }));  // closed
+  EXPECT(throws([&] { ring.commit_counted(0, 0, {}, 8); }));  // closed
+  EXPECT(fastcap::live_host_bytes() == before);
+}
+
+// The protocol with copies in flight (as on CUDA): a committed slot is not ready until its
+// copy has landed, wait() blocks for it, release() and close() wait for copies in flight, and
+// a large counted commit copies its count first, then (queued by the consumer) the rows.
+void copies_in_flight() {
+  const int64_t before = fastcap::live_host_bytes();
+  {
+    auto owner = make_ring(2, /*async=*/true, /*gated=*/true);
+    fastcap::Ring& ring = *owner;
+    const int64_t a = ring.acquire(64, 0.0);
+    std::memset(target_bytes(ring, a), 4, 64);  // the staging buffer, not host memory
+    ring.commit(a, 64);
+    EXPECT(!ring.ready(a));
+    fastcap::release_test_transfer_copies(1);
+    ring.wait(a);
+    EXPECT(ring.ready(a) && ring.host(a).data_ptr<uint8_t>()[63] == 4);
+    ring.release(a);
+
+    // Counted, above the at-once bound: the count lands first, then the rows it counts.
+    const int64_t rows = fastcap::Ring::kCountedAtOnceBytes / 64 + 1;
+    const int64_t upper = 64 + rows * 64;
+    const int64_t b = ring.acquire(upper, 0.0);
+    uint8_t* t = target_bytes(ring, b);
+    const int64_t count = 2;
+    std::memcpy(t, &count, sizeof(count));
+    std::memset(t + 64, 9, count * 64);
+    ring.commit_counted(b, 0, {{64, 64}}, upper);
+    EXPECT(!ring.ready(b));
+    fastcap::release_test_transfer_copies(1);  // the count's copy
+    std::thread consumer([&] { ring.wait(b); });  // reads the count, queues the rows, waits
+    fastcap::release_test_transfer_copies(1);  // the rows' copy
+    consumer.join();
+    const auto bytes = ring.final_bytes(b);
+    EXPECT(bytes.count == 2 && bytes.nbytes == 64 + 2 * 64 && bytes.data[64 + 2 * 64 - 1] == 9);
+    ring.release(b);
+
+    // release() of a slot whose copy is in flight waits for it; close() too.
+    const int64_t c = ring.acquire(64, 0.0);
+    ring.commit(c, 64);
+    std::thread opener([] { fastcap::release_test_transfer_copies(1); });
+    ring.release(c);
+    opener.join();
+    const int64_t d = ring.acquire(64, 0.0);
+    ring.commit(d, 64);
+    std::thread late([] { fastcap::open_test_transfer_gate(); });
+    ring.close();
+    late.join();
+  }
   EXPECT(fastcap::live_host_bytes() == before);
 }
 
@@ -263,8 +324,9 @@ int main() {
       {"backpressure_waits_for_consumer", backpressure_waits_for_consumer},
       {"resize_grows_instead_of_overrunning", resize_grows_instead_of_overrunning},
       {"close_frees_and_wakes", close_frees_and_wakes},
-      {"take_hands_the_buffer_over", take_hands_the_buffer_over},
+      {"try_acquire_never_waits_nor_allocates", try_acquire_never_waits_nor_allocates},
       {"concurrent_producers_and_growth", concurrent_producers_and_growth},
       {"counted_commit_on_host", counted_commit_on_host},
+      {"copies_in_flight", copies_in_flight},
   });
 }
