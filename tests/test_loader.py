@@ -309,6 +309,48 @@ def test_same_seed_same_batches_other_seed_other_order(tokens):
     assert _order(workers) == _order(workers)
 
 
+def _reference_positions(data, worker: int, workers: int, epoch: int):
+    """The batches of positions as the loader dealt them before it sorted a window at once: the
+    same permutation per window, each batch sorted on its own."""
+    import numpy as np
+    start, stop, _ = data._rank_range()
+    capacity = min(data.window if data.shuffle else data.batch_size, stop - start)
+    if capacity <= 0:
+        return
+    rng = np.random.default_rng([data.seed, epoch, data.rank, worker, workers])
+    window, size = [], data.batch_size
+
+    def deal(final):
+        order = rng.permutation(len(window)) if data.shuffle and len(window) > size else np.arange(len(window))
+        full = len(window) if final else len(window) // size * size
+        dealt = [np.asarray(window)[order[first:min(first + size, full)]] for first in range(0, full, size)]
+        return [np.sort(p) if data.shuffle else p for p in dealt], list(np.asarray(window)[order[full:]])
+
+    for a, b in data._worker_runs(worker, workers, epoch):
+        for position in range(a, b):
+            window.append(position)
+            if len(window) == capacity:
+                batches, window = deal(False)
+                yield from batches
+    yield from deal(True)[0]
+
+
+@pytest.mark.parametrize("batch_size, window", [(8, 16), (8, 20), (5, 64), (8, 8), (3, 1000), (8, None)])
+def test_batches_are_the_dealt_positions_sorted(tokens, two_ranks, batch_size, window):
+    """Sorting each window at once gives each batch exactly the positions a permutation per
+    window deals it, in ascending order, as a sort per batch did (windows that are a multiple
+    of the batch or not, one batch, a window beyond the rows; ranks, workers, epochs)."""
+    import numpy as np
+    for store in (tokens, two_ranks[0]):
+        for rank, world_size, workers in ((0, 1, 1), (1, 2, 1), (0, 1, 3)):
+            data = store.loader("rows", batch_size=batch_size, window=window, rank=rank, world_size=world_size)
+            for epoch in (0, 1):
+                for worker in range(workers):
+                    got = list(data._positions(worker, workers, epoch))
+                    want = list(_reference_positions(data, worker, workers, epoch))
+                    assert len(got) == len(want) and all(np.array_equal(g, w) for g, w in zip(got, want))
+
+
 def test_set_epoch_changes_the_order(tokens):
     data = tokens.loader("rows", batch_size=8, window=16, with_index=True)
     epoch0 = _order(data)
