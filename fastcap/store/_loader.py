@@ -9,19 +9,21 @@ collects them. Each worker takes its pieces in order, a ``window`` of rows at a 
 the window's rows to batches at random; every row comes exactly once per epoch. Only row
 positions are shuffled: each batch is then copied once, from the memory maps straight into the
 batch's own memory, its rows in file order (a slice per run of contiguous rows, or a gather per
-shard), by torch: its copies run outside the GIL, on torch's intra-op threads
-(``torch.get_num_threads()``, left as they are). Where that memory comes from, and how long a
-batch stays valid, is :class:`_Batches`'s business.
+shard), outside the GIL: split over ``torch.get_num_threads()`` threads in the consumer's
+thread (see :func:`_copy_threads`), on one core in each reading thread. Where that memory comes
+from, and how long a batch stays valid, is :class:`_Batches`'s business.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+import os
 import queue
 import threading
 import warnings
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -38,13 +40,42 @@ _CHUNKS_PER_WINDOW = 16
 _POOL = 4
 #: batches each reading thread may read ahead (DataLoader's prefetch_factor)
 _PREFETCH = 2
-#: a batch is copied run by run when its runs of contiguous rows average at least this many rows
-_RUN_ROWS = 16
+#: a batch is copied run by run when its runs of contiguous rows average at least this many bytes
+#: (one Python step per run); shorter runs are gathered, which copies them as fast (measured with
+#: 2 KiB rows: runs of 8 to 256 rows gathered at 1.1-3x the speed of slices, whole 8 MiB batches
+#: sliced at 1.1x)
+_RUN_BYTES = 1 << 20
 #: with_index fields, by row kind
 _INDEX_FIELDS = {"tokens": ("sample", "position", "token_id"), "samples": ("index",)}
-#: set in the loader's reading threads, which copy with numpy on their own core each: the threads
-#: are the parallelism there, and torch's intra-op threads in each would oversubscribe the cores
+#: a batch is split over the copying threads in parts of at least this many bytes
+_PART_BYTES = 1 << 20
+#: set in the loader's reading threads, which copy on their own core each: the threads are the
+#: parallelism there
 _IN_READER = threading.local()
+_HELPERS: tuple[int, ThreadPoolExecutor] | None = None  # (process id, the pool), made on first use
+_HELPERS_LOCK = threading.Lock()
+
+
+def _copy_threads() -> int:
+    """Threads a batch's copies may use in the consumer's thread: torch's intra-op threads, as
+    the user set them (``torch.set_num_threads``; 1 in a DataLoader worker, and under torchrun
+    with several processes per node)."""
+    return torch.get_num_threads()
+
+
+def _helpers() -> ThreadPoolExecutor:
+    """The threads that copy parts of a batch beside the consumer's. Plain threads running numpy's
+    copies (which release the GIL), not torch's OpenMP threads: a gather by torch.index_select
+    runs as fast on two cores, but OpenMP threads spin at each join, and while another process
+    holds a core each join waits for a time slice: on two cores with one busy process, torch's
+    gather fell to 0.9 GB/s, a quarter of one core's numpy gather; these threads sleep while
+    they wait. A new pool after a fork (a forked child has none of the parent's threads)."""
+    global _HELPERS
+    with _HELPERS_LOCK:
+        if _HELPERS is None or _HELPERS[0] != os.getpid():
+            _HELPERS = (os.getpid(), ThreadPoolExecutor(max(1, (os.cpu_count() or 2) - 1),
+                                                        thread_name_prefix="fastcap-copy"))
+        return _HELPERS[1]
 
 
 def _check_int(name: str, value, minimum: int) -> int:
@@ -193,7 +224,7 @@ class RowLoader(IterableDataset):
                         for key, array in zip(self.keys, arrays)}
         # In this process, the store's own memory maps: a new loader per epoch maps nothing again.
         self._arrays = dict(zip(self.keys, arrays))
-        self._maps: dict[tuple[str, int], torch.Tensor] = {}
+        self._maps: dict[tuple[str, int], np.ndarray] = {}
         self._pools: dict[str, _Batches] = {}
         self._rows = len(rows)
         self._layout()
@@ -346,14 +377,13 @@ class RowLoader(IterableDataset):
 
     # ------------------------------------------------------------------ reading
 
-    def _map(self, key: str, shard: int) -> torch.Tensor:
-        """The rows of one shard file, memory-mapped, as a tensor of the stored dtype (no copy).
-        Copy-on-write maps, as the store's: torch.from_numpy wants a writable array; nothing
-        writes to them."""
+    def _map(self, key: str, shard: int) -> np.ndarray:
+        """The rows of one shard file, memory-mapped; as a plain ndarray, whose slices cost no
+        Python calls (an np.memmap's do)."""
         if (key, shard) not in self._maps:
             mapped = (self._arrays[key]._map(shard) if self._arrays is not None
-                      else np.load(self._files[key][shard], mmap_mode="c"))
-            self._maps[key, shard] = torch.from_numpy(mapped.view(np.ndarray))
+                      else np.load(self._files[key][shard], mmap_mode="r"))
+            self._maps[key, shard] = mapped.view(np.ndarray)
         return self._maps[key, shard]
 
     def _pool(self, mode: str) -> _Batches:
@@ -386,43 +416,54 @@ class RowLoader(IterableDataset):
         """The rows at ``positions`` of the read order (ascending when shuffled: each shard's
         rows read in one forward sweep), copied once from the memory maps into the batch: a
         slice per run of contiguous rows of one shard where runs are long, else a gather per
-        shard straight into the batch. In the consumer's thread the copies are torch's
-        (``index_select``, ``copy_``: on its intra-op threads, outside the GIL; numpy's gather
-        runs on one core, at about half the speed on two); in a reading thread numpy's, one core
-        per thread."""
+        shard straight into the batch. In the consumer's thread the batch is cut into parts
+        copied at once by up to ``_copy_threads()`` threads (this one and helpers); a reading
+        thread copies all of it itself."""
         pieces, steps = self._pieces(positions)
         fill, batch = pool.take(len(positions))
+        fill = {key: fill[key].numpy() for key in self.keys}
+        n, row_bytes = len(positions), sum(fill[key][:1].nbytes for key in self.keys)
         # Short runs cost a Python step each: gather them shard by shard instead.
         runs = int(np.count_nonzero(steps[1:] - steps[:-1] != 1)) + len(pieces)  # at most one too many per piece
-        slices = runs * _RUN_ROWS < len(positions)
-        one_core = getattr(_IN_READER, "active", False)
-        if one_core:
-            fill = {key: fill[key].numpy() for key in self.keys}
-        for shard, a, b, rows in pieces:
-            sources = [self._map(key, shard) for key in self.keys]
-            if one_core:
-                sources = [source.numpy() for source in sources]
-            if slices:
-                runs = [0, *(np.flatnonzero(np.diff(rows) != 1) + 1).tolist(), b - a]
-                for x, y in zip(runs[:-1], runs[1:]):
-                    first = int(rows[x])
-                    for key, source in zip(self.keys, sources):
-                        if one_core:
-                            np.copyto(fill[key][a + x:a + y], source[first:first + y - x])
-                        else:
-                            fill[key][a + x:a + y].copy_(source[first:first + y - x])
-            elif one_core:  # mode="clip": the default "raise" gathers into a temporary, copied again
-                for key, source in zip(self.keys, sources):
-                    np.take(source, rows, axis=0, out=fill[key][a:b], mode="clip")
-            else:
-                index = torch.from_numpy(rows)
-                for key, source in zip(self.keys, sources):
-                    torch.index_select(source, 0, index, out=fill[key][a:b])
+        slices = runs * _RUN_BYTES < n * row_bytes
+        parts = 1 if getattr(_IN_READER, "active", False) else min(_copy_threads(), n * row_bytes // _PART_BYTES)
+        if parts > 1:
+            cuts = [n * i // parts for i in range(parts + 1)]
+            helpers = _helpers()
+            done = [helpers.submit(self._copy, pieces, fill, slices, a, b) for a, b in zip(cuts[1:-1], cuts[2:])]
+            try:
+                self._copy(pieces, fill, slices, 0, cuts[1])
+            finally:  # every part done before the batch goes (or this thread's error does)
+                errors = [part.exception() for part in done]
+            for error in errors:
+                if error is not None:
+                    raise error
+        else:
+            self._copy(pieces, fill, slices, 0, n)
         if self._fields:
             rows = positions if self._by_file is None else self._by_file[positions]
             for field, values in self._fields.items():
                 np.take(values, rows, out=batch[field].numpy(), mode="clip")
         return batch
+
+    def _copy(self, pieces: list, fill: dict[str, np.ndarray], slices: bool, lo: int, hi: int) -> None:
+        """Rows lo..hi of a batch, from its pieces (see _pieces) into ``fill``: numpy's copies,
+        which release the GIL."""
+        for shard, a, b, rows in pieces:
+            x, y = max(a, lo), min(b, hi)
+            if x >= y:
+                continue
+            rows = rows[x - a:y - a]
+            if slices:
+                runs = [0, *(np.flatnonzero(np.diff(rows) != 1) + 1).tolist(), y - x]
+                for key in self.keys:
+                    source, out = self._map(key, shard), fill[key][x:y]
+                    for u, v in zip(runs[:-1], runs[1:]):
+                        first = int(rows[u])
+                        np.copyto(out[u:v], source[first:first + v - u])
+            else:  # mode="clip": the default "raise" gathers into a temporary and copies it again
+                for key in self.keys:
+                    np.take(self._map(key, shard), rows, axis=0, out=fill[key][x:y], mode="clip")
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         info = get_worker_info()
