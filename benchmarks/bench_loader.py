@@ -15,9 +15,9 @@ rows of 128 tokens, width 512, float32, 8 shards: 128 MiB), then times passes ov
   each copied out with ``np.array`` (a sequential read);
 - ``raw_rows``: the loader's access pattern by hand: every 4096-row batch drawn at random from
   all rows, sorted, gathered shard by shard with ``np.take`` into a new batch;
-- ``torch_rows``: the same rows gathered shard by shard with ``torch.index_select`` (torch's
-  intra-op threads, as the loader's copies) into two batches used in turn: the loader's copies
-  without its bookkeeping;
+- ``torch_rows``: the same rows gathered shard by shard with ``torch.index_select`` (on
+  torch's intra-op threads) into two batches used in turn: a multi-threaded gather by hand,
+  without the loader's bookkeeping;
 - ``memcpy``: the same bytes copied from memory in 4096-row pieces into two batches used in
   turn (the loader's steady state): the limit.
 
@@ -59,7 +59,7 @@ LABELS = {
     "loader_threads": "fastcap `store.loader(num_workers=2)`: two reading threads",
     "raw_chunks": "raw `np.load(mmap_mode=\"r\")`, permuted 4096-row chunks",
     "raw_rows": "raw memmap, random rows (the loader's pattern, by hand)",
-    "torch_rows": "memmap, random rows by `torch.index_select` (the loader's copies alone)",
+    "torch_rows": "memmap, random rows by `torch.index_select` on torch's threads (by hand)",
     "memcpy": "memcpy of the same bytes (the limit)",
 }
 
