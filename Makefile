@@ -80,6 +80,7 @@ bench: $(VENV)/.built
 	$(PY) -m pytest benchmarks -q --benchmark-json=benchmarks/results/cpu-$(BENCH_DATE).json
 	$(PY) benchmarks/summarize.py benchmarks/results/cpu-$(BENCH_DATE).json
 	$(PY) benchmarks/profile_hooks.py --out benchmarks/results/cpu-$(BENCH_DATE)-hooks.md
+	$(PY) benchmarks/bench_loader.py --out benchmarks/results/cpu-$(BENCH_DATE)-loader
 
 clean:
 	rm -rf build build-cmake build-cmake.log *.egg-info fastcap/_C*.so $(VENV)/.built

@@ -15,6 +15,9 @@ rows of 128 tokens, width 512, float32, 8 shards: 128 MiB), then times passes ov
   each copied out with ``np.array`` (a sequential read);
 - ``raw_rows``: the loader's access pattern by hand: every 4096-row batch drawn at random from
   all rows, sorted, gathered shard by shard with ``np.take`` into a new batch;
+- ``torch_rows``: the same rows gathered shard by shard with ``torch.index_select`` (on
+  torch's intra-op threads) into two batches used in turn: a multi-threaded gather by hand,
+  without the loader's bookkeeping;
 - ``memcpy``: the same bytes copied from memory in 4096-row pieces into two batches used in
   turn (the loader's steady state): the limit.
 
@@ -56,6 +59,7 @@ LABELS = {
     "loader_threads": "fastcap `store.loader(num_workers=2)`: two reading threads",
     "raw_chunks": "raw `np.load(mmap_mode=\"r\")`, permuted 4096-row chunks",
     "raw_rows": "raw memmap, random rows (the loader's pattern, by hand)",
+    "torch_rows": "memmap, random rows by `torch.index_select` on torch's threads (by hand)",
     "memcpy": "memcpy of the same bytes (the limit)",
 }
 
@@ -104,6 +108,20 @@ def raw_rows(maps: list[np.ndarray], rng: np.random.Generator):
         yield out
 
 
+def torch_rows(maps: list[torch.Tensor], rng: np.random.Generator, batches: list[torch.Tensor]):
+    starts = np.cumsum([0] + [len(m) for m in maps])
+    order = rng.permutation(starts[-1])
+    for i, first in enumerate(range(0, len(order), BATCH)):
+        rows = np.sort(order[first:first + BATCH])
+        edges = np.searchsorted(rows, starts)
+        out = batches[i % 2][:len(rows)]
+        for shard, m in enumerate(maps):
+            a, b = edges[shard], edges[shard + 1]
+            if b > a:
+                torch.index_select(m, 0, torch.from_numpy(rows[a:b] - starts[shard]), out=out[a:b])
+        yield out
+
+
 def memcpy(source: np.ndarray, batches: list[np.ndarray]):
     for i, first in enumerate(range(0, len(source), BATCH)):
         piece = source[first:first + BATCH]
@@ -138,6 +156,7 @@ def run(cfg: dict, out: str) -> dict:
     store = build_store(out, cfg)
     nbytes = store["x"].shape[0] * store["x"].dtype.itemsize * int(np.prod(store["x"].row_shape))
     maps = shard_maps(out)
+    tensors = [torch.from_numpy(np.load(m.filename, mmap_mode="c")) for m in maps]  # writable: torch wants it
     rng = np.random.default_rng(1)
     source = np.concatenate(maps)
     batches = [np.zeros((BATCH, *store["x"].row_shape), store["x"].dtype) for _ in range(2)]
@@ -158,6 +177,7 @@ def run(cfg: dict, out: str) -> dict:
         "loader_threads": lambda: epoch(with_epoch(threads)),
         "raw_chunks": lambda: epoch(raw_chunks(maps, rng)),
         "raw_rows": lambda: epoch(raw_rows(maps, rng)),
+        "torch_rows": lambda: epoch(torch_rows(tensors, rng, [torch.from_numpy(b) for b in batches])),
         "memcpy": lambda: epoch(memcpy(source, batches)),
     }
     for way in ways.values():  # warm-up: maps faulted in, first allocations made

@@ -168,16 +168,62 @@ def test_interleaved_store_with_workers_and_ranks(two_ranks):
     assert torch.equal(torch.cat([b["rows"] for b in unshuffled]), store["rows"].tensor())
 
 
-@pytest.mark.parametrize("run_rows", [1, 10**9], ids=["runs-as-slices", "gathers-per-shard"])
-def test_slices_and_gathers_read_the_same_rows(tokens, two_ranks, monkeypatch, run_rows):
+@pytest.mark.parametrize("run_bytes", [1, 10**12], ids=["runs-as-slices", "gathers-per-shard"])
+def test_slices_and_gathers_read_the_same_rows(tokens, two_ranks, monkeypatch, run_bytes):
     """Both ways to copy a batch (contiguous runs as slices, else a gather per shard), on a
     store in file order and on one whose ranks' samples alternate."""
-    monkeypatch.setattr(loader_module, "_RUN_ROWS", run_rows)
+    monkeypatch.setattr(loader_module, "_RUN_BYTES", run_bytes)
     for store in (tokens, two_ranks[0]):
         for shuffle in (True, False):
             batches = list(store.loader("rows", batch_size=8, window=16, with_index=True, shuffle=shuffle))
             _once_each(_origins(batches), store)
             _assert_rows_match_store(store, batches, "rows")
+
+
+@pytest.mark.parametrize("run_bytes", [1, 10**12], ids=["runs-as-slices", "gathers-per-shard"])
+def test_batches_cut_into_parts_for_copying_threads_are_the_same(tokens, two_ranks, monkeypatch, run_bytes):
+    """A batch cut into parts that helper threads copy beside the consumer's thread holds what
+    one thread copies (both ways to copy, both stores, shuffled or not); reading threads copy
+    whole batches; an error in a part reaches the consumer."""
+    monkeypatch.setattr(loader_module, "_RUN_BYTES", run_bytes)
+    copied_by = collections.Counter()
+    copy = loader_module.RowLoader._copy
+
+    def counted(self, *args):
+        copied_by[threading.current_thread().name.startswith("fastcap-copy")] += 1
+        return copy(self, *args)
+
+    monkeypatch.setattr(loader_module.RowLoader, "_copy", counted)
+    for store in (tokens, two_ranks[0]):
+        for shuffle in (True, False):
+            kwargs = {"batch_size": 8, "window": 16, "with_index": True, "shuffle": shuffle}
+            whole = [{k: v.clone() for k, v in batch.items()} for batch in store.loader("rows", **kwargs)]
+            with monkeypatch.context() as split:
+                split.setattr(loader_module, "_PART_BYTES", 1)
+                split.setattr(loader_module, "_copy_threads", lambda: 3)
+                parts = list(store.loader("rows", **kwargs))
+            assert len(parts) == len(whole)
+            for a, b in zip(parts, whole):
+                assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+            _assert_rows_match_store(store, parts, "rows")
+    assert copied_by[True] > 0 and copied_by[False] > 0
+    copied_by.clear()
+    with monkeypatch.context() as split:  # reading threads copy whole batches themselves
+        split.setattr(loader_module, "_PART_BYTES", 1)
+        split.setattr(loader_module, "_copy_threads", lambda: 3)
+        _once_each(_origins(tokens.loader("rows", batch_size=8, with_index=True, num_workers=2)), tokens)
+    assert copied_by[True] == 0 and copied_by[False] == 12
+
+    def fail(self, pieces, fill, slices, lo, hi):
+        if threading.current_thread().name.startswith("fastcap-copy"):
+            raise OSError("a part went away")
+        return copy(self, pieces, fill, slices, lo, hi)
+
+    monkeypatch.setattr(loader_module.RowLoader, "_copy", fail)
+    monkeypatch.setattr(loader_module, "_PART_BYTES", 1)
+    monkeypatch.setattr(loader_module, "_copy_threads", lambda: 2)
+    with pytest.raises(OSError, match="a part went away"):
+        list(tokens.loader("rows", batch_size=8))
 
 
 # ------------------------------------------------------------------ reading threads
@@ -307,6 +353,48 @@ def test_same_seed_same_batches_other_seed_other_order(tokens):
     assert _order(tokens.loader("rows", batch_size=8, window=16, seed=4, with_index=True)) != _origins(first)
     workers = tokens.loader("rows", batch_size=8, window=16, seed=3, with_index=True, num_workers=2)
     assert _order(workers) == _order(workers)
+
+
+def _reference_positions(data, worker: int, workers: int, epoch: int):
+    """The batches of positions as the loader dealt them before it sorted a window at once: the
+    same permutation per window, each batch sorted on its own."""
+    import numpy as np
+    start, stop, _ = data._rank_range()
+    capacity = min(data.window if data.shuffle else data.batch_size, stop - start)
+    if capacity <= 0:
+        return
+    rng = np.random.default_rng([data.seed, epoch, data.rank, worker, workers])
+    window, size = [], data.batch_size
+
+    def deal(final):
+        order = rng.permutation(len(window)) if data.shuffle and len(window) > size else np.arange(len(window))
+        full = len(window) if final else len(window) // size * size
+        dealt = [np.asarray(window)[order[first:min(first + size, full)]] for first in range(0, full, size)]
+        return [np.sort(p) if data.shuffle else p for p in dealt], list(np.asarray(window)[order[full:]])
+
+    for a, b in data._worker_runs(worker, workers, epoch):
+        for position in range(a, b):
+            window.append(position)
+            if len(window) == capacity:
+                batches, window = deal(False)
+                yield from batches
+    yield from deal(True)[0]
+
+
+@pytest.mark.parametrize("batch_size, window", [(8, 16), (8, 20), (5, 64), (8, 8), (3, 1000), (8, None)])
+def test_batches_are_the_dealt_positions_sorted(tokens, two_ranks, batch_size, window):
+    """Sorting each window at once gives each batch exactly the positions a permutation per
+    window deals it, in ascending order, as a sort per batch did (windows that are a multiple
+    of the batch or not, one batch, a window beyond the rows; ranks, workers, epochs)."""
+    import numpy as np
+    for store in (tokens, two_ranks[0]):
+        for rank, world_size, workers in ((0, 1, 1), (1, 2, 1), (0, 1, 3)):
+            data = store.loader("rows", batch_size=batch_size, window=window, rank=rank, world_size=world_size)
+            for epoch in (0, 1):
+                for worker in range(workers):
+                    got = list(data._positions(worker, workers, epoch))
+                    want = list(_reference_positions(data, worker, workers, epoch))
+                    assert len(got) == len(want) and all(np.array_equal(g, w) for g, w in zip(got, want))
 
 
 def test_set_epoch_changes_the_order(tokens):

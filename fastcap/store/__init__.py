@@ -197,7 +197,8 @@ class Store(Mapping):
         exactly once per epoch (all ranks and workers together); the same seed and epoch give
         the same batches in the same order. A batch is one copy of its rows from the memory
         maps, in file order within the batch: for random sub-batches, index a batch at random
-        rather than slicing off a prefix.
+        rather than slicing off a prefix. With ``num_workers=0`` the copies of a batch are split
+        over ``torch.get_num_threads()`` threads; each reading thread copies on one core.
 
         A batch stays valid for as long as you hold it. Its memory is reused only once nothing
         refers to it (no tensor, view or numpy array of it); the loader keeps up to

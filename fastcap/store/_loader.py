@@ -9,18 +9,21 @@ collects them. Each worker takes its pieces in order, a ``window`` of rows at a 
 the window's rows to batches at random; every row comes exactly once per epoch. Only row
 positions are shuffled: each batch is then copied once, from the memory maps straight into the
 batch's own memory, its rows in file order (a slice per run of contiguous rows, or a gather per
-shard). Where that memory comes from, and how long a batch stays valid, is
-:class:`_Batches`'s business.
+shard), outside the GIL: split over ``torch.get_num_threads()`` threads in the consumer's
+thread (see :func:`_copy_threads`), on one core in each reading thread. Where that memory comes
+from, and how long a batch stays valid, is :class:`_Batches`'s business.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+import os
 import queue
 import threading
 import warnings
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -37,10 +40,42 @@ _CHUNKS_PER_WINDOW = 16
 _POOL = 4
 #: batches each reading thread may read ahead (DataLoader's prefetch_factor)
 _PREFETCH = 2
-#: a batch is copied run by run when its runs of contiguous rows average at least this many rows
-_RUN_ROWS = 16
+#: a batch is copied run by run when its runs of contiguous rows average at least this many bytes
+#: (one Python step per run); shorter runs are gathered, which copies them as fast (measured with
+#: 2 KiB rows: runs of 8 to 256 rows gathered at 1.1-3x the speed of slices, whole 8 MiB batches
+#: sliced at 1.1x)
+_RUN_BYTES = 1 << 20
 #: with_index fields, by row kind
 _INDEX_FIELDS = {"tokens": ("sample", "position", "token_id"), "samples": ("index",)}
+#: a batch is split over the copying threads in parts of at least this many bytes
+_PART_BYTES = 1 << 20
+#: set in the loader's reading threads, which copy on their own core each: the threads are the
+#: parallelism there
+_IN_READER = threading.local()
+_HELPERS: tuple[int, ThreadPoolExecutor] | None = None  # (process id, the pool), made on first use
+_HELPERS_LOCK = threading.Lock()
+
+
+def _copy_threads() -> int:
+    """Threads a batch's copies may use in the consumer's thread: torch's intra-op threads, as
+    the user set them (``torch.set_num_threads``; 1 in a DataLoader worker, and under torchrun
+    with several processes per node)."""
+    return torch.get_num_threads()
+
+
+def _helpers() -> ThreadPoolExecutor:
+    """The threads that copy parts of a batch beside the consumer's. Plain threads running numpy's
+    copies (which release the GIL), not torch's OpenMP threads: a gather by torch.index_select
+    runs as fast on two cores, but OpenMP threads spin at each join, and while another process
+    holds a core each join waits for a time slice: on two cores with one busy process, torch's
+    gather fell to 0.9 GB/s, a quarter of one core's numpy gather; these threads sleep while
+    they wait. A new pool after a fork (a forked child has none of the parent's threads)."""
+    global _HELPERS
+    with _HELPERS_LOCK:
+        if _HELPERS is None or _HELPERS[0] != os.getpid():
+            _HELPERS = (os.getpid(), ThreadPoolExecutor(max(1, (os.cpu_count() or 2) - 1),
+                                                        thread_name_prefix="fastcap-copy"))
+        return _HELPERS[1]
 
 
 def _check_int(name: str, value, minimum: int) -> int:
@@ -55,8 +90,8 @@ def _users(tensor: torch.Tensor) -> int:
 
 
 class _Batches:
-    """The memory of batches ``{name: tensor [n, ...]}``: ``take(n)`` gives numpy arrays to fill
-    and the tensors to hand out, views of the same memory. ``specs``: ``{name: (dtype of the
+    """The memory of batches ``{name: tensor [n, ...]}``: ``take(n)`` gives tensors to fill (of
+    the stored dtype) and the tensors to hand out, views of the same memory. ``specs``: ``{name: (dtype of the
     stored bytes, row shape, dtype handed out)}``.
 
     Modes:
@@ -71,8 +106,8 @@ class _Batches:
         passes to the main process without a copy (as its own collate does).
 
     Example:
-        >>> arrays, batch = _Batches({"x": (torch.float32, (4,), torch.float32)}, 8, "recycle", 4).take(8)
-        >>> arrays["x"][:] = 1; batch["x"].shape
+        >>> fill, batch = _Batches({"x": (torch.float32, (4,), torch.float32)}, 8, "recycle", 4).take(8)
+        >>> fill["x"][:] = 1; batch["x"].shape
         torch.Size([8, 4])
     """
 
@@ -93,8 +128,9 @@ class _Batches:
 
     def _idle(self) -> dict[str, torch.Tensor] | None:
         # share_memory_() on a batch moves its memory where another process may read it: let it go.
+        # (The storage's is_shared, not the tensor's: the same answer, without a TypedStorage.)
         self._pool = [(memory, counts) for memory, counts in self._pool
-                      if not any(t.is_shared() for t in memory.values())]
+                      if not any(t.untyped_storage().is_shared() for t in memory.values())]
         for memory, counts in self._pool:
             if all(_users(t) == counts[name] for name, t in memory.items()):
                 return memory
@@ -104,14 +140,15 @@ class _Batches:
         self._pool.append((memory, {name: _users(t) for name, t in memory.items()}))
         return memory
 
-    def take(self, n: int) -> tuple[dict[str, np.ndarray], dict[str, torch.Tensor]]:
-        """Memory for a batch of ``n`` rows: numpy arrays to fill, tensors to hand out."""
+    def take(self, n: int) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """Memory for a batch of ``n`` rows: tensors to fill (the stored dtype), tensors to hand
+        out (the captured dtype)."""
         with self._lock:
             memory = self._idle() if self._mode == "recycle" else None
             memory = memory if memory is not None else self._new(n)  # beyond the pool: not kept
             # Made under the lock: these views mark the memory taken.
-            batch = {name: t[:n].view(self._specs[name][2]) for name, t in memory.items()}
-        return {name: t[:n].numpy() for name, t in memory.items()}, batch
+            fill = {name: t[:n] for name, t in memory.items()}
+        return fill, {name: t.view(self._specs[name][2]) for name, t in fill.items()}
 
 
 class RowLoader(IterableDataset):
@@ -209,7 +246,13 @@ class RowLoader(IterableDataset):
     def _layout(self) -> None:
         """The order rows are read in and its chunks. Shuffled: file order (``_by_file`` maps a
         position to a row in the store's order; None when the two agree), in chunks of contiguous
-        rows of one shard. Not shuffled: the store's order, one chunk."""
+        rows of one shard. Not shuffled: the store's order, one chunk.
+
+        Shuffled, the read order's shard segments too, so that a batch's ascending positions
+        find their shards with one search: segment i holds positions ``_seg_bounds[i]`` to
+        ``_seg_bounds[i + 1]``, all in shard ``_seg_shard[i]``. Where each segment's rows are
+        contiguous in their file (``_within`` None) the row in the shard is the position less
+        ``_seg_offset[i]``; else ``_within`` gives it."""
         n = self._rows
         if not self.shuffle:
             self._by_file = None
@@ -219,7 +262,13 @@ class RowLoader(IterableDataset):
         in_order = n == 0 or bool(np.all(np.diff(self._shard_of * (self._row_of.max() + 1) + self._row_of) > 0))
         self._by_file = None if in_order else np.lexsort((self._row_of, self._shard_of))
         shards = self._shard_of if self._by_file is None else self._shard_of[self._by_file]
-        edges = np.concatenate([[0], np.flatnonzero(np.diff(shards)) + 1, [n]]).astype(np.int64)
+        within = self._row_of if self._by_file is None else self._row_of[self._by_file]
+        edges = np.concatenate([[0], np.flatnonzero(np.diff(shards)) + 1, [n] if n else []]).astype(np.int64)
+        self._seg_bounds, self._seg_shard = edges, shards[edges[:-1]].astype(np.int64)
+        self._seg_offset = edges[:-1] - within[edges[:-1]]
+        steps = np.diff(within) == 1
+        steps[edges[1:-1] - 1] = True  # a new segment starts afresh
+        self._within = None if bool(np.all(steps)) else within.astype(np.int64)
         size = max(1, self.window // _CHUNKS_PER_WINDOW)
         starts = [np.arange(a, b, size, dtype=np.int64) for a, b in zip(edges[:-1], edges[1:]) if b > a]
         self._chunk_starts = np.concatenate(starts) if starts else np.zeros(0, dtype=np.int64)
@@ -273,13 +322,19 @@ class RowLoader(IterableDataset):
     def _positions(self, worker: int, workers: int, epoch: int) -> Iterator[np.ndarray]:
         """Each of a worker's batches as positions in the read order: its runs gathered a window
         at a time, the window's positions dealt to batches by a permutation seeded by (seed,
-        epoch, rank, worker, workers); the positions short of a batch wait for the next window."""
+        epoch, rank, worker, workers); the positions short of a batch wait for the next window.
+        Shuffled, each batch's positions come ascending (file order)."""
         start, stop, _ = self._rank_range()
         capacity = min(self.window if self.shuffle else self.batch_size, stop - start)
         if capacity <= 0:
             return
         rng = np.random.default_rng([self.seed, epoch, self.rank, worker, workers])
         window, filled = np.empty(capacity, np.int64), 0
+        labels = None  # for dealing: the batch of each place in a window's permutation
+        if self.shuffle and capacity > self.batch_size:
+            batches = capacity // self.batch_size + 1
+            small = np.uint8 if batches <= 255 else np.uint16 if batches <= 65535 else np.int64
+            labels = (np.arange(capacity) // self.batch_size).astype(small)
         for a, b in self._worker_runs(worker, workers, epoch):
             while a < b:
                 count = min(b - a, capacity - filled)
@@ -288,18 +343,37 @@ class RowLoader(IterableDataset):
                 if filled == capacity:
                     order = self._deal(rng, filled)
                     full = filled // self.batch_size * self.batch_size
-                    for first in range(0, full, self.batch_size):
-                        yield window[order[first:first + self.batch_size]]
+                    yield from self._dealt(window[:filled], order, full, labels)
                     rest = window[order[full:]]
                     window[:len(rest)], filled = rest, len(rest)
-        order = self._deal(rng, filled)
-        for first in range(0, filled, self.batch_size):
-            yield window[order[first:first + self.batch_size]]
+        yield from self._dealt(window[:filled], self._deal(rng, filled), filled, labels)
 
     def _deal(self, rng: np.random.Generator, filled: int) -> np.ndarray:
         """The order a window's positions go to batches in. A window of one batch keeps its order:
-        _batch sorts a batch's positions anyway, and quickest when they come as runs."""
+        its positions come as runs, sorted at once."""
         return rng.permutation(filled) if self.shuffle and filled > self.batch_size else np.arange(filled)
+
+    def _dealt(self, window: np.ndarray, order: np.ndarray, count: int,
+               labels: np.ndarray | None) -> Iterator[np.ndarray]:
+        """The batches ``window[order[first:first + batch_size]]`` for first in 0, batch_size,
+        ... < count, new arrays; shuffled, each sorted. Sorted all at once: the window by
+        position (a few sorted runs: quick), then stably by batch (a radix sort of small
+        labels), which leaves each batch's positions ascending; a sort per batch would cost
+        several times as much."""
+        size = self.batch_size
+        if not self.shuffle:
+            for first in range(0, count, size):
+                yield window[order[first:first + size]]
+        elif count <= size or labels is None:
+            for first in range(0, count, size):
+                yield np.sort(window[order[first:first + size]], kind="stable")
+        else:
+            label = np.empty(len(window), labels.dtype)
+            label[order] = labels[:len(window)]  # beyond count: the rest, sorted last and left
+            by_position = np.argsort(window, kind="stable")
+            positions = window[by_position[np.argsort(label[by_position], kind="stable")]]
+            for first in range(0, count, size):
+                yield positions[first:min(first + size, count)]
 
     # ------------------------------------------------------------------ reading
 
@@ -321,34 +395,75 @@ class RowLoader(IterableDataset):
                                          _POOL + (_PREFETCH + 1) * self.num_workers)
         return self._pools[mode]
 
+    def _pieces(self, positions: np.ndarray) -> tuple[list[tuple[int, int, int, np.ndarray]], np.ndarray]:
+        """A batch's rows as pieces of one shard each: (shard, first, stop in the batch, rows in
+        the shard, int64); and an array whose steps of 1 are the steps to the next row of a
+        file within a piece (to count runs)."""
+        if self.shuffle:  # ascending, in file order: one piece per shard segment it touches
+            cuts = np.searchsorted(positions, self._seg_bounds)
+            within = None if self._within is None else self._within[positions]
+            pieces = []
+            for i in np.flatnonzero(cuts[1:] > cuts[:-1]).tolist():
+                a, b = int(cuts[i]), int(cuts[i + 1])
+                rows = positions[a:b] - self._seg_offset[i] if within is None else within[a:b]
+                pieces.append((int(self._seg_shard[i]), a, b, rows))
+            return pieces, positions if within is None else within
+        shards, within = self._shard_of[positions], self._row_of[positions]  # the store's order
+        cuts = [0, *(np.flatnonzero(shards[1:] != shards[:-1]) + 1).tolist(), len(positions)]
+        return [(int(shards[a]), a, b, within[a:b]) for a, b in zip(cuts[:-1], cuts[1:])], within
+
     def _batch(self, positions: np.ndarray, pool: _Batches) -> dict[str, torch.Tensor]:
-        """The rows at ``positions`` of the read order, copied once from the memory maps into
-        the batch: a slice per run of contiguous rows of one shard where runs are long, else one
-        gather per shard."""
-        if self.shuffle:
-            # The read order is file order: sorted, each shard's rows are read in one forward
-            # sweep (faster than in random order) and a small window reads whole runs. "stable"
-            # is timsort, quick on the runs of a small window and on random positions alike.
-            positions = np.sort(positions, kind="stable")
-        rows = positions if self._by_file is None else self._by_file[positions]
-        shards, within = self._shard_of[rows], self._row_of[rows]
-        arrays, batch = pool.take(len(rows))
-        new_shard = shards[1:] != shards[:-1]
-        runs = np.flatnonzero(new_shard | (within[1:] != within[:-1] + 1)) + 1
+        """The rows at ``positions`` of the read order (ascending when shuffled: each shard's
+        rows read in one forward sweep), copied once from the memory maps into the batch: a
+        slice per run of contiguous rows of one shard where runs are long, else a gather per
+        shard straight into the batch. In the consumer's thread the batch is cut into parts
+        copied at once by up to ``_copy_threads()`` threads (this one and helpers); a reading
+        thread copies all of it itself."""
+        pieces, steps = self._pieces(positions)
+        fill, batch = pool.take(len(positions))
+        fill = {key: fill[key].numpy() for key in self.keys}
+        n, row_bytes = len(positions), sum(fill[key][:1].nbytes for key in self.keys)
         # Short runs cost a Python step each: gather them shard by shard instead.
-        slices = len(runs) * _RUN_ROWS < len(rows)
-        edges = [0, *(runs if slices else np.flatnonzero(new_shard) + 1).tolist(), len(rows)]
-        for a, b in zip(edges[:-1], edges[1:]):
-            first = int(within[a])
-            for key in self.keys:
-                source = self._map(key, int(shards[a]))
-                if slices:
-                    np.copyto(arrays[key][a:b], source[first:first + b - a])
-                else:  # mode="clip": the default "raise" gathers into a temporary and copies it again
-                    np.take(source, within[a:b], axis=0, out=arrays[key][a:b], mode="clip")
-        for field, values in self._fields.items():
-            np.take(values, rows, out=arrays[field], mode="clip")
+        runs = int(np.count_nonzero(steps[1:] - steps[:-1] != 1)) + len(pieces)  # at most one too many per piece
+        slices = runs * _RUN_BYTES < n * row_bytes
+        parts = 1 if getattr(_IN_READER, "active", False) else min(_copy_threads(), n * row_bytes // _PART_BYTES)
+        if parts > 1:
+            cuts = [n * i // parts for i in range(parts + 1)]
+            helpers = _helpers()
+            done = [helpers.submit(self._copy, pieces, fill, slices, a, b) for a, b in zip(cuts[1:-1], cuts[2:])]
+            try:
+                self._copy(pieces, fill, slices, 0, cuts[1])
+            finally:  # every part done before the batch goes (or this thread's error does)
+                errors = [part.exception() for part in done]
+            for error in errors:
+                if error is not None:
+                    raise error
+        else:
+            self._copy(pieces, fill, slices, 0, n)
+        if self._fields:
+            rows = positions if self._by_file is None else self._by_file[positions]
+            for field, values in self._fields.items():
+                np.take(values, rows, out=batch[field].numpy(), mode="clip")
         return batch
+
+    def _copy(self, pieces: list, fill: dict[str, np.ndarray], slices: bool, lo: int, hi: int) -> None:
+        """Rows lo..hi of a batch, from its pieces (see _pieces) into ``fill``: numpy's copies,
+        which release the GIL."""
+        for shard, a, b, rows in pieces:
+            x, y = max(a, lo), min(b, hi)
+            if x >= y:
+                continue
+            rows = rows[x - a:y - a]
+            if slices:
+                runs = [0, *(np.flatnonzero(np.diff(rows) != 1) + 1).tolist(), y - x]
+                for key in self.keys:
+                    source, out = self._map(key, shard), fill[key][x:y]
+                    for u, v in zip(runs[:-1], runs[1:]):
+                        first = int(rows[u])
+                        np.copyto(out[u:v], source[first:first + v - u])
+            else:  # mode="clip": the default "raise" gathers into a temporary and copies it again
+                for key in self.keys:
+                    np.take(self._map(key, shard), rows, axis=0, out=fill[key][x:y], mode="clip")
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         info = get_worker_info()
@@ -372,6 +487,7 @@ class RowLoader(IterableDataset):
         queues = [queue.Queue(_PREFETCH) for _ in range(workers)]
 
         def read(worker: int) -> None:
+            _IN_READER.active = True
             try:
                 for positions in self._positions(worker, workers, epoch):
                     if stop.is_set():
