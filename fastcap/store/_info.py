@@ -59,7 +59,7 @@ def describe(store: Store) -> str:
         tokens = store.tokens
         per = tokens_per_sample(store)
         ids = tokens.token_id[tokens.token_id >= 0]
-        lines += ["", f"token index: {len(tokens.sample)} token rows from {len(np.unique(tokens.sample))} samples"
+        lines += ["", f"token index: {len(tokens.sample)} token rows from {len(store.indices)} samples"
                       + (f", {int(np.min(per))}..{int(np.max(per))} per sample" if len(per) else "")
                       + (f", positions {int(tokens.position.min())}..{int(tokens.position.max())}" if len(tokens.sample) else "")
                       + (f", token ids {int(ids.min())}..{int(ids.max())}" if len(ids) else ", no token ids")]
@@ -100,7 +100,9 @@ def _arguments(manifest: dict) -> list[str]:
     else:
         lines.append("  (no readable record: the store was made before fastcap recorded its arguments; "
                      "the resume fingerprint says:)")
-        lines += [f"  {name}: {_text(args[name])}" for name in _ARG_FIELDS if args.get(name) is not None]
+        kinds = {"map": "a DataLoader over a map-style dataset", "iterable": "an iterable of batches"}
+        lines += [f"  {name}: {kinds.get(args[name], args[name]) if name == 'data' else _text(args[name])}"
+                  for name in _ARG_FIELDS if args.get(name) is not None]
     spec = args.get("data_spec")
     if spec:
         lines.append("  data spec (checked on resume): " + ", ".join(f"{k}={_text(v)}" for k, v in spec.items()
