@@ -60,8 +60,8 @@ def test_pip_install_uses_the_torch_already_installed(tmp_path):
 
 
 @pytest.mark.skipif(os.environ.get("FASTCAP_SLOW_TESTS") != "1",
-                    reason="builds fastcap._C (about 3 minutes CPU-only, 6 with the CUDA sources, on 2 cores): "
-                           "FASTCAP_SLOW_TESTS=1 runs it")
+                    reason="builds fastcap._C CPU-only (6 minutes on the project's 2 shared cores, 4 of CPU "
+                           "time): FASTCAP_SLOW_TESTS=1 runs it")
 @pytest.mark.timeout(1200)
 def test_pip_install_builds_and_runs(tmp_path):
     target = tmp_path / "site"
