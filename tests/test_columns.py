@@ -195,3 +195,34 @@ def test_torchrun_keeps_columns_aligned(tmp_path):
     assert store.columns["id"].tolist() == [f"text-{i}" for i in range(37)]
     for batch in store.loader("rows", batch_size=32, with_columns="label", with_index=True):
         assert torch.equal(batch["label"], 3 * batch["sample"])
+
+
+def test_image_folder_labels_resumed_and_under_torchrun(tmp_path):
+    folder = image_folder(tmp_path / "photos", per_class=(4, 3, 6))
+    args = ["extract", "--model", "_extract_worker:tiny_model", "--data", folder, "--image-size", "16",
+            "--layers", "3", "--reduce", "mean", "--batch-size", "2", "--shard-size", "4"]
+    single = tmp_path / "single"
+    assert main([*args, "--out", str(single)]) == 0
+    whole = fastcap.open(single)
+    expected = [0] * 4 + [1] * 3 + [2] * 6
+
+    # Interrupted after its first shard (as a kill leaves it), then resumed by the same command.
+    manifest = json.loads((single / "rank-00000.json").read_text())
+    del manifest["shards"][1:]
+    manifest["complete"] = False
+    (single / "rank-00000.json").write_text(json.dumps(manifest))
+    (single / "manifest.json").unlink()
+    assert main([*args, "--out", str(single)]) == 0
+    resumed = fastcap.open(single)
+    assert resumed.columns["label"].tolist() == expected and np.array_equal(resumed.indices, np.arange(13))
+    assert torch.equal(resumed["3"].tensor(), whole["3"].tensor())
+
+    multi = tmp_path / "multi"
+    run = _run(["-m", "torch.distributed.run", "--nproc_per_node=2", "--nnodes=1", "--master_addr=127.0.0.1",
+                f"--master_port={_free_port()}", "-m", "fastcap", *args, "--out", str(multi)], timeout=240)
+    assert run.returncode == 0, run.stdout + run.stderr
+    two = fastcap.open(multi)
+    assert two.manifest["world_size"] == 2 and np.array_equal(two.indices, np.arange(13))
+    assert sum(shard["samples"] for shard in two.manifest["shards"]) == 14  # a padding duplicate, dropped
+    assert two.columns["label"].tolist() == expected
+    torch.testing.assert_close(two["3"].tensor(), whole["3"].tensor())
