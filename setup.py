@@ -70,6 +70,8 @@ setup(
     packages=find_packages(include=["fastcap", "fastcap.*"]),
     python_requires=">=3.10",
     install_requires=["torch", "numpy", "tqdm", "psutil"],
+    # Hugging Face datasets as input and the SAELens export; language models need transformers.
+    extras_require={"datasets": ["datasets"], "text": ["transformers", "datasets"]},
     ext_modules=[_extension()],
     cmdclass={"build_ext": BuildExtension},
     entry_points={"console_scripts": ["fastcap=fastcap.cli:main"]},

@@ -10,9 +10,11 @@ by side-stream copies, on CUDA.
     feats = cap.result()
 
 Everything a user calls is here: :func:`capture`, :class:`TopK`, :class:`Tokens` (language models:
-which tokens are real), :class:`TokenIndex`, :func:`extract`, :func:`open`, :func:`empty_cache`.
+which tokens are real), :class:`TokenIndex`, :func:`extract`, :func:`open`, :func:`layers` (a
+model's layer names and output shapes), :func:`empty_cache`.
 """
 from fastcap._ext import BUILT_WITH_CUDA, empty_cache
+from fastcap._layer_list import layers
 from fastcap._slots import TopK
 from fastcap._tokens import TokenIndex, Tokens
 from fastcap.capture import Capture, capture
@@ -22,4 +24,4 @@ from fastcap.store import LayerArray, Store, open  # noqa: A004 (fastcap.open, l
 __version__ = "0.1.0"
 
 __all__ = ["capture", "Capture", "TopK", "Tokens", "TokenIndex", "extract", "open", "Store", "LayerArray",
-           "empty_cache", "BUILT_WITH_CUDA", "__version__"]
+           "layers", "empty_cache", "BUILT_WITH_CUDA", "__version__"]

@@ -1,17 +1,19 @@
-"""Where extract's batches come from: a DataLoader over a map-style dataset, replanned as
-explicit batches of dataset indices (split with a DistributedSampler under torchrun), or any
-other iterable of batches, numbered by running sample counters.
+"""Where extract's batches come from: a DataLoader over a map-style dataset (a Hugging Face
+``datasets.Dataset`` included), replanned as explicit batches of dataset indices (split with a
+DistributedSampler under torchrun), or any other iterable of batches, numbered by running
+sample counters; and the kept columns (labels, ids) taken out of each batch.
 """
 
 from __future__ import annotations
 
 import hashlib
+import sys
 import warnings
 from collections.abc import Iterable, Mapping
 
 import numpy as np
 import torch
-from torch.utils.data import BatchSampler, DataLoader, IterableDataset, RandomSampler
+from torch.utils.data import BatchSampler, DataLoader, Dataset, IterableDataset, RandomSampler
 from torch.utils.data.distributed import DistributedSampler
 
 
@@ -48,6 +50,96 @@ def to_device(batch, device: torch.device):
 
 
 
+def check_columns(keep_columns) -> list[str]:
+    """``keep_columns`` as a list of distinct names (None: none)."""
+    if keep_columns is None:
+        return []
+    names = [keep_columns] if isinstance(keep_columns, str) else keep_columns
+    if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) and n for n in names):
+        raise TypeError(f"keep_columns must be a name or a list of names, got {keep_columns!r}")
+    if len(set(names)) != len(names):
+        raise ValueError(f"keep_columns={keep_columns!r} names a column twice")
+    return list(names)
+
+
+def split_columns(batch, names: list[str], size: int):
+    """``(batch without the kept columns, {name: numpy array [size, ...]})``: a dict batch's
+    fields, or ``"label"``, the second element of an ``(input, label)`` batch."""
+    if not names:
+        return batch, {}
+    if isinstance(batch, Mapping):
+        missing = [name for name in names if name not in batch]
+        if missing:
+            raise ValueError(f"keep_columns: the batch has no field {missing[0]!r}; its fields are "
+                             f"{sorted(batch)}")
+        return ({key: value for key, value in batch.items() if key not in names},
+                {name: _column_values(name, batch[name], size) for name in names})
+    if isinstance(batch, (tuple, list)) and len(batch) >= 2:
+        if names != ["label"]:
+            raise ValueError(f"keep_columns={names!r}: a batch of (input, label) has one column, 'label' "
+                             "(its second element); for other columns, make the dataset's items dicts")
+        return batch, {"label": _column_values("label", batch[1], size)}
+    raise ValueError(f"keep_columns={names!r}: a {type(batch).__name__} batch has no columns; keep_columns "
+                     "takes fields of dict batches, or 'label' of (input, label) batches")
+
+
+def _column_values(name: str, values, size: int) -> np.ndarray:
+    if isinstance(values, torch.Tensor):
+        values = values.detach().cpu()
+        values = (values.float() if values.dtype in (torch.bfloat16, torch.float16) else values).numpy()
+    else:
+        values = np.asarray(values)
+    if values.ndim == 0 or len(values) != size or values.dtype.kind not in "biufU":
+        what = (f"{values.dtype} values" if values.ndim and len(values) == size
+                else f"{values.shape[0] if values.ndim else 'no'} values for {size} samples")
+        raise ValueError(f"keep_columns: column {name!r} has {what}; a kept column holds one number or "
+                         "string per sample")
+    return values
+
+
+class FirstN(Dataset):
+    """The first ``n`` items of a map-style dataset (``--limit``), keeping what extract reads of
+    it: ``extract_spec`` (with the limit), ``token_counts``, ``special_ids``, ``classes``.
+
+    Example:
+        >>> FirstN(make_dataset("fake:2048"), 100)[99][1]
+        99
+    """
+
+    def __init__(self, dataset, n: int):
+        self.dataset, self.n = dataset, min(int(n), len(dataset))
+        spec = getattr(dataset, "extract_spec", None)
+        if spec is not None:
+            self.extract_spec = {**spec, "limit": self.n}
+        counts = getattr(dataset, "token_counts", None)
+        if counts is not None:
+            self.token_counts = np.asarray(counts)[:self.n]
+        for name in ("special_ids", "classes"):
+            if hasattr(dataset, name):
+                setattr(self, name, getattr(dataset, name))
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, index: int):
+        if not 0 <= index < self.n:
+            raise IndexError(f"index {index} out of range for the first {self.n} items")
+        return self.dataset[index]
+
+
+def hf_dataset(data) -> bool:
+    """Whether ``data`` is a Hugging Face ``datasets.Dataset`` (without importing datasets)."""
+    module = sys.modules.get("datasets")
+    return module is not None and isinstance(data, module.Dataset)
+
+
+def hf_spec(dataset) -> dict:
+    """What identifies a Hugging Face dataset's rows: its fingerprint (a hash of how it was made,
+    which changes with every map/filter/select), size and columns; checked on resume."""
+    return {"corpus": "datasets", "fingerprint": dataset._fingerprint, "rows": len(dataset),
+            "columns": list(dataset.column_names)}
+
+
 class MapSource:
     """A DataLoader over a map-style dataset, replanned as explicit batches of indices.
 
@@ -66,6 +158,8 @@ class MapSource:
     def __init__(self, loader: DataLoader, rank: int, world_size: int):
         self.loader = loader
         self.spec = getattr(loader.dataset, "extract_spec", None)
+        if self.spec is None and hf_dataset(loader.dataset):
+            self.spec = hf_spec(loader.dataset)
         order = self._order(loader)
         self.num_samples = len(order)
         self.order_digest = hashlib.sha256(order.astype("<i8").tobytes()).hexdigest()[:16]
@@ -149,6 +243,12 @@ _END = object()
 
 
 def make_source(data, rank: int, world_size: int):
+    if hf_dataset(data):
+        raise TypeError(
+            "data is a datasets.Dataset; extract takes batches: wrap it in a DataLoader, e.g. "
+            "DataLoader(dataset.with_format('torch'), batch_size=64) for rows of equal-length ids, or "
+            "DataLoader(fastcap.text.make_text_dataset(dataset, context=T, ...), batch_size=64) to tokenize, "
+            "pack or pad a text or ids column as the command line does")
     map_style = (isinstance(data, DataLoader) and not isinstance(data.dataset, IterableDataset)
                  and data.batch_sampler is not None)
     if map_style and isinstance(data.batch_sampler, BatchSampler):

@@ -31,7 +31,7 @@ from torch.utils.data import Dataset, IterableDataset
 
 from fastcap._distributed import ProcessGroup, launch_rank, show_progress
 from fastcap._layers import model_device, resolve_reduce
-from fastcap._sources import batch_size, make_source, to_device
+from fastcap._sources import batch_size, check_columns, make_source, split_columns, to_device
 from fastcap._tokens import Tokens
 from fastcap._early_exit import StopForward
 from fastcap._steps import ConsumerFailed
@@ -63,6 +63,7 @@ def extract(
     tokens: Tokens | None = None,
     stop_early: bool = True,
     check_space: bool = True,
+    keep_columns=None,
 ) -> "Store":
     """Run ``model`` over ``data`` and write the captured layers to ``out/``; return the store.
 
@@ -101,6 +102,11 @@ def extract(
             summary; token rows from the dataset's ``token_counts``, each item's real tokens,
             when it has them); a disk with less free space is refused with an ``OSError``
             naming both figures. False: go ahead anyway.
+        keep_columns: a name or a list of names of per-sample values to store beside the
+            features (``store.columns[name]``, aligned with ``store.indices``): the fields of dict
+            batches (taken out of the batch before the forward: a dataset's ``"label"`` or
+            ``"id"``), or ``"label"`` for ``(input, label)`` batches such as ImageFolder's.
+            Numbers, or strings.
 
     Every key whose rows are float vectors gets running statistics (count, per-channel mean,
     variance, min, max, mean row norm), merged over shards and ranks: ``store.stats[key]``.
@@ -121,19 +127,28 @@ def extract(
         ...                         reduce="mean", out="feats/")
         >>> store["layer4"].shape
         (50000, 2048)
+        >>> loader = DataLoader(torchvision.datasets.ImageFolder("val/", transform), batch_size=64)
+        >>> store = fastcap.extract(model, loader, "layer4", "mean", out="val-feats/",
+        ...                         keep_columns="label")
+        >>> store.columns["label"][:3]                # each image's class index
+        array([0, 0, 0])
     """
     store, _ = extract_with_stats(
         model, data, layers, reduce, out=out, k=k, channel_dim=channel_dim, dtype=dtype,
         select=select, shard_size=shard_size, overwrite=overwrite, progress=progress,
         forward=forward, depth=depth, tokens=tokens, stop_early=stop_early, check_space=check_space,
+        keep_columns=keep_columns,
     )
     return store
 
 
 def extract_with_stats(model, data, layers, reduce, *, out, k, channel_dim, dtype, select, shard_size,
                        overwrite, progress, forward, depth, tokens=None, stop_early=True, check_space=True,
-                       on_estimate=None) -> tuple[Store, dict]:
+                       on_estimate=None, keep_columns=None, description=None) -> tuple[Store, dict]:
     """:func:`extract`, also returning run statistics (for the command line summary).
+
+    ``description``: the run's arguments in readable form, recorded in the manifest by a new
+    run (not compared on resume); default: the model's and the data's class names.
 
     ``on_estimate(estimated_bytes, free_bytes)`` is called on each rank once the first batch
     has been captured, before anything is written (default: shown with the progress bar).
@@ -142,6 +157,7 @@ def extract_with_stats(model, data, layers, reduce, *, out, k, channel_dim, dtyp
     ``estimated_bytes``, ``shards_written``, ``resumed_samples``, ``stall_seconds``,
     ``max_pending_steps``, ``capture`` (its ``stats()``), ``rank``, ``world_size``."""
     _check_arguments(model, data, out, shard_size, depth)
+    columns = check_columns(keep_columns)
     reduce = resolve_reduce(reduce, tokens)  # the mode itself goes into the fingerprint
     # Built first so that bad layers/reduce/k fail before out is touched; hooks come later.
     # The writer thread is the consumer (collect=False: the forward waits for it, so host memory
@@ -159,6 +175,8 @@ def extract_with_stats(model, data, layers, reduce, *, out, k, channel_dim, dtyp
             raise ValueError(_NO_SAMPLES)
         args = _fingerprint(model, source, layers, reduce, k, channel_dim, dtype, select,
                             shard_size, group.world_size, tokens)
+        if columns:  # only then: the fingerprints of stores made before columns existed stay the same
+            args["columns"] = columns
         group.check_same(args["model"], "model parameters")
         root = Path(out)
 
@@ -169,14 +187,15 @@ def extract_with_stats(model, data, layers, reduce, *, out, k, channel_dim, dtyp
             _prepare_out(root, args, overwrite)
 
         group.run_on_rank0(prepare)
-        rank_dir = RankDir.open(root, group.rank, args, source.num_samples)
+        rank_dir = RankDir.open(root, group.rank, args, source.num_samples,
+                                description or _describe(model, data))
         show_bar = show_progress(progress, group.rank)
         if on_estimate is None and show_bar:
             on_estimate = print_estimate
         writer = ShardWriter(rank_dir, shard_size, source.rank_samples, check_space, on_estimate,
                              source.rank_tokens)
         stats = _run_rank(model, cap, device, source, rank_dir, writer, show_bar,
-                          forward or _default_forward)
+                          forward or _default_forward, columns)
         group.barrier()
         if group.rank == 0 and not (root / MANIFEST).is_file():
             write_merged_manifest(root, group.world_size)
@@ -207,7 +226,7 @@ def _check_arguments(model, data, out, shard_size, depth) -> None:
         raise ValueError(f"depth must be a positive int, got {depth!r}")
 
 
-def _run_rank(model, cap, device, source, rank_dir, writer, show_progress, forward) -> dict:
+def _run_rank(model, cap, device, source, rank_dir, writer, show_progress, forward, columns=()) -> dict:
     """Run this rank's remaining batches; every step ends up in a committed shard."""
     from tqdm.auto import tqdm
 
@@ -230,7 +249,7 @@ def _run_rank(model, cap, device, source, rank_dir, writer, show_progress, forwa
         if estimate_first:
             writer.on_estimate = _then_draw(writer.on_estimate, bar)
         with torch.inference_mode(), cap:
-            input_tokens = _forward_all(model, cap, batches, writer, device, forward, bar)
+            input_tokens = _forward_all(model, cap, batches, writer, device, forward, bar, columns)
             if writer.samples == 0 and rank_dir.committed_samples == 0 and source.num_samples is None:
                 raise ValueError(_NO_SAMPLES)  # an iterable that yielded nothing
             stats["capture"] = cap.stats()
@@ -243,7 +262,7 @@ def _run_rank(model, cap, device, source, rank_dir, writer, show_progress, forwa
     return stats
 
 
-def _forward_all(model, cap, batches, writer: "ShardWriter", device, forward, bar) -> int:
+def _forward_all(model, cap, batches, writer: "ShardWriter", device, forward, bar, columns=()) -> int:
     """The forward loop: the writer thread drains ``cap`` while this thread runs the model.
     Returns the input tokens read (0 for batches without ``input_ids``)."""
     writer.start(cap)
@@ -252,6 +271,7 @@ def _forward_all(model, cap, batches, writer: "ShardWriter", device, forward, ba
         for number, (batch, indices, positions) in enumerate(batches):
             writer.raise_if_failed()
             size = len(indices) if indices is not None else batch_size(batch)
+            batch, kept = split_columns(batch, columns, size)  # labels and ids stay off the model
             before = cap.steps_finished
             batch = to_device(batch, device)
             tokens.append(_input_tokens(batch))
@@ -271,7 +291,7 @@ def _forward_all(model, cap, batches, writer: "ShardWriter", device, forward, ba
             missing = cap.layers_not_run() if number == 0 else []
             if missing:  # the store's keys come from the first step: never a silently absent key
                 raise ValueError(f"extract: {cap.not_run_message(missing)}; leave them out of layers=")
-            writer.submit(size, indices, positions)  # the step just made is this batch's
+            writer.submit(size, indices, positions, kept)  # the step just made is this batch's
             bar.update(size)
         writer.stop()
     except BaseException as error:
@@ -343,6 +363,13 @@ def _fingerprint(model, source, layers, reduce, k, channel_dim, dtype, select, s
         "sample_order": source.order_digest,
         "model": _model_digest(model),
     } | ({} if source.spec is None else {"data_spec": _jsonable(source.spec)})
+
+
+def _describe(model, data) -> dict:
+    """What a Python call of extract ran, for people (the command line records its arguments)."""
+    dataset = getattr(data, "dataset", None)
+    return {"model": type(model).__name__,
+            "data": type(data).__name__ + (f" over {type(dataset).__name__}" if dataset is not None else "")}
 
 
 def _jsonable(value):

@@ -19,11 +19,16 @@ directory runs: a pickled module needs ``trust_pickle``, and ``trust_remote_code
 Data specs (``--data``):
     ``fake:N``                                 N deterministic synthetic images (FakeImages)
     ``path/to/images``                         a torchvision ImageFolder (class sub-folders)
+An image folder's images are read as RGB, their shorter side resized to ``round(S / 0.875)``
+(256 for S = 224), center-cropped to S x S, scaled to [0, 1] and normalised with the ImageNet
+mean and std (:func:`image_transform`; ``normalize=False`` or ``mean``/``std`` change the last
+step, ``transform=`` replaces them all).
 Text corpora (``fake-text:N``, .jsonl, .txt, .npy of ids) are in :mod:`fastcap.text`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import importlib
 import inspect
@@ -34,7 +39,8 @@ import warnings
 import torch
 from torch.utils.data import Dataset
 
-__all__ = ["load_model", "make_dataset", "FakeImages", "default_image_size", "tokenizer_dir", "MODEL_DTYPES"]
+__all__ = ["load_model", "make_dataset", "image_transform", "FakeImages", "default_image_size", "tokenizer_dir",
+           "MODEL_DTYPES", "IMAGENET_MEAN", "IMAGENET_STD"]
 
 #: --model-dtype of Hugging Face models.
 MODEL_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -47,7 +53,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def load_model(spec: str, weights: str | None = None, device: str | torch.device = "cpu",
-               dtype: str | None = None, *, trust_pickle: bool = False) -> torch.nn.Module:
+               dtype: str | None = None, *, trust_pickle: bool = False, progress: bool = False) -> torch.nn.Module:
     """Build the model named by ``spec``, load ``weights`` if given, move it to ``device``, eval().
 
     Seed the RNG first (``torch.manual_seed``) for reproducible random weights. ``dtype``
@@ -55,6 +61,8 @@ def load_model(spec: str, weights: str | None = None, device: str | torch.device
     loads the dtype it was saved in and hf-random builds float32. ``trust_pickle``: load a
     module saved whole with ``torch.save`` by full unpickling, which runs any code the file
     names (only for files you trust); without it such a file is a ValueError saying so.
+    ``progress``: let transformers draw its "Loading weights" bar for an hf: model (quiet by
+    default).
 
     Example:
         >>> torch.manual_seed(0)
@@ -65,7 +73,8 @@ def load_model(spec: str, weights: str | None = None, device: str | torch.device
     if dtype is not None and dtype not in MODEL_DTYPES:
         raise ValueError(f"--model-dtype must be one of {list(MODEL_DTYPES)}, got {dtype!r}")
     if spec.startswith("hf:"):
-        model = _hf_model(spec, dtype)
+        with _transformers_bars(progress):
+            model = _hf_model(spec, dtype)
     elif spec.startswith("hf-random:"):
         model = _hf_random_model(spec, dtype)
     elif dtype is not None:
@@ -88,6 +97,19 @@ def tokenizer_dir(spec: str) -> str | None:
         return None
     path = spec[len("hf:"):]
     return path if any(os.path.isfile(os.path.join(path, name)) for name in _TOKENIZER_FILES) else None
+
+
+@contextlib.contextmanager
+def _transformers_bars(show: bool):
+    """transformers' own progress bars ("Loading weights") on or off while loading, then as before."""
+    from transformers.utils import logging
+
+    was = logging.is_progress_bar_enabled()
+    (logging.enable_progress_bar if show else logging.disable_progress_bar)()
+    try:
+        yield
+    finally:
+        (logging.enable_progress_bar if was else logging.disable_progress_bar)()
 
 
 def _hf_model(spec: str, dtype: str | None) -> torch.nn.Module:
@@ -296,44 +318,105 @@ def default_image_size(spec: str) -> int:
     return FAKE_IMAGE_SIZE if spec.startswith("fake:") else FOLDER_IMAGE_SIZE
 
 
-def make_dataset(spec: str, image_size: int | None = None) -> Dataset:
+def make_dataset(spec: str, image_size: int | None = None, *, normalize: bool = True, mean=None, std=None,
+                 transform=None) -> Dataset:
     """The map-style dataset named by ``spec``: ``fake:N`` or an image folder.
 
-    Items are ``(image, label)`` with ``image`` a float32 ``[3, image_size, image_size]``
-    tensor, normalised with the ImageNet mean and std.
+    Items are ``(image, label)``. An image folder's image is a float32 ``[3, S, S]`` tensor
+    made by :func:`image_transform` (S = ``image_size``, default 224): resized, center-cropped,
+    scaled to [0, 1], normalised with ``mean`` and ``std`` (default ImageNet's; none with
+    ``normalize=False``); ``transform`` (any callable from a PIL image, e.g. a torchvision
+    ``Compose``) replaces all of it. Its label is the class index (sub-folders in sorted
+    order, ``dataset.classes``). ``fake:N`` images are standard normal noise of that shape
+    (already "normalised": the preprocessing options are for folders).
 
     Example:
         >>> dataset = make_dataset("fake:2048", image_size=64)
         >>> dataset[0][0].shape
         torch.Size([3, 64, 64])
-        >>> dataset = make_dataset("/data/imagenet/val")      # Resize + CenterCrop to 224
+        >>> dataset = make_dataset("/data/imagenet/val")      # Resize 256 + CenterCrop 224
+        >>> dataset = make_dataset("/data/photos", 224, mean=(0.5,) * 3, std=(0.5,) * 3)
+        >>> dataset = make_dataset("/data/photos", transform=my_transform)
     """
     size = image_size if image_size is not None else default_image_size(spec)
-    if not isinstance(size, int) or size < 1:
+    if not isinstance(size, int) or isinstance(size, bool) or size < 1:
         raise ValueError(f"--image-size must be a positive int, got {size!r}")
+    custom = [name for name, given in (("--no-normalize", not normalize), ("--mean", mean is not None),
+                                       ("--std", std is not None), ("transform", transform is not None))
+              if given]
     if spec.startswith("fake:"):
         count = spec.split(":", 1)[1]
         if not count.isdigit() or int(count) < 1:
             raise ValueError(f"--data {spec!r}: expected fake:N with N a positive integer")
+        if custom:
+            raise ValueError(f"{', '.join(custom)}: for an image folder; --data {spec!r} images are "
+                             "synthetic normal noise, not pixels to normalise")
         return FakeImages(int(count), size)
     if os.path.isdir(spec):
-        return _image_folder(spec, size)
+        return _image_folder(spec, size, normalize, mean, std, transform)
     raise ValueError(f"--data {spec!r} is neither fake:N nor an existing image folder")
 
 
-def _image_folder(root: str, size: int) -> Dataset:
-    from torchvision import datasets, transforms
+def image_transform(image_size: int = FOLDER_IMAGE_SIZE, *, normalize: bool = True, mean=None, std=None):
+    """The preprocessing of an image folder's images, as a torchvision transform: the shorter
+    side resized to ``round(image_size / 0.875)`` (256 for 224, bilinear, antialiased), a
+    center crop of ``image_size`` squared, ``ToTensor`` (float32 in [0, 1]), then
+    ``Normalize(mean, std)`` (default the ImageNet ones; skipped with ``normalize=False``).
 
-    transform = transforms.Compose([
-        transforms.Resize(round(size / 0.875)),  # the usual 256 -> 224 ratio
-        transforms.CenterCrop(size),
-        transforms.ToTensor(),
-        transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
-    ])
+    Example:
+        >>> image_transform(224)
+        Compose(
+            Resize(size=256, interpolation=bilinear, max_size=None, antialias=True)
+            CenterCrop(size=(224, 224))
+            ToTensor()
+            Normalize(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+        )
+    """
+    from torchvision import transforms
+
+    steps = [transforms.Resize(round(image_size / 0.875)),  # the usual 256 -> 224 ratio
+             transforms.CenterCrop(image_size), transforms.ToTensor()]
+    if normalize:
+        steps.append(transforms.Normalize(_channels("--mean", mean, IMAGENET_MEAN),
+                                          _channels("--std", std, IMAGENET_STD, positive=True)))
+    elif mean is not None or std is not None:
+        raise ValueError("--mean/--std normalise; drop --no-normalize to use them")
+    return transforms.Compose(steps)
+
+
+def _channels(flag: str, values, default: tuple, positive: bool = False) -> tuple:
+    """Three per-channel floats (one value is used for all three)."""
+    if values is None:
+        return default
+    values = tuple(float(v) for v in (values if isinstance(values, (list, tuple)) else [values]))
+    if len(values) == 1:
+        values *= 3
+    if len(values) != 3 or (positive and min(values) <= 0):
+        raise ValueError(f"{flag} takes 1 or 3 {'positive ' if positive else ''}numbers (R, G, B), got "
+                         f"{list(values)}")
+    return values
+
+
+def _image_folder(root: str, size: int, normalize: bool, mean, std, transform) -> Dataset:
+    from torchvision import datasets
+
+    if transform is not None and (not normalize or mean is not None or std is not None):
+        raise ValueError("transform= replaces the whole preprocessing: normalise inside it, not with "
+                         "normalize/mean/std")
+    chosen = transform if transform is not None else image_transform(size, normalize=normalize, mean=mean, std=std)
     try:
-        return datasets.ImageFolder(root, transform=transform)
+        dataset = datasets.ImageFolder(root, transform=chosen)
     except (FileNotFoundError, RuntimeError) as error:
         raise ValueError(f"--data {root!r}: not an image folder: {error}") from error
+    # Preprocessing other than the default one is recorded and checked on resume (the default
+    # records nothing, so that stores made before these options existed resume as they were).
+    if transform is not None:
+        dataset.extract_spec = {"images": "folder", "transform": repr(transform)}
+    elif not normalize or mean is not None or std is not None:
+        dataset.extract_spec = {"images": "folder", "normalize": bool(normalize),
+                                "mean": list(_channels("--mean", mean, IMAGENET_MEAN)) if normalize else None,
+                                "std": list(_channels("--std", std, IMAGENET_STD)) if normalize else None}
+    return dataset
 
 
 class FakeImages(Dataset):

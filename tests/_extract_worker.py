@@ -7,6 +7,8 @@ The model and the data are deterministic (seeded), so any two runs capture the s
 ``--kill-at I`` SIGKILLs the process when the dataset is asked for item I: a crash at an
 arbitrary point of the run, the writer thread possibly in the middle of a shard.
 ``--report`` writes {"forwards": batches the model ran, "rank": r} (one file per rank).
+``--keep-columns`` keeps a label per sample (images: the (image, label) batches' label = the index
+times 3; text: a "label" field of each item, the index times 3, and an "id" string).
 """
 from __future__ import annotations
 
@@ -40,9 +42,10 @@ class _Seeded(Dataset):
     """``count`` items, item i drawn from a generator seeded with i; asking for item
     ``kill_at`` SIGKILLs the process."""
 
-    def __init__(self, count: int, kill_at: int | None = None):
+    def __init__(self, count: int, kill_at: int | None = None, columns: bool = False):
         self.count = count
         self.kill_at = kill_at
+        self.columns = columns
 
     def __len__(self) -> int:
         return self.count
@@ -54,10 +57,10 @@ class _Seeded(Dataset):
 
 
 class Images(_Seeded):
-    """Images of 3x8x8."""
+    """Images of 3x8x8, labelled 3 * index."""
 
     def item(self, generator, index):
-        return torch.randn(3, 8, 8, generator=generator), index
+        return torch.randn(3, 8, 8, generator=generator), 3 * index
 
 
 class TinyLM(torch.nn.Module):
@@ -90,7 +93,10 @@ class Texts(_Seeded):
         ids[:length] = torch.randint(2, 50, (length,), generator=generator)
         ids[0] = 1
         mask = (torch.arange(8) < length).to(torch.int64)
-        return {"input_ids": ids, "attention_mask": mask}
+        item = {"input_ids": ids, "attention_mask": mask}
+        if self.columns:
+            item |= {"label": 3 * index, "id": f"text-{index}"}
+        return item
 
 
 TOKEN_LAYERS = {"rows": "block", "pool": "block"}
@@ -112,6 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kill-at", type=int)
     parser.add_argument("--report")
     parser.add_argument("--tokens", action="store_true", help="a tiny language model, tokens=")
+    parser.add_argument("--keep-columns", action="store_true", help="keep the label (and the id of texts)")
     args = parser.parse_args(argv)
 
     import fastcap
@@ -121,12 +128,14 @@ def main(argv: list[str] | None = None) -> int:
     forwards = []
     model.register_forward_pre_hook(lambda module, inputs: forwards.append(1))
     data = Texts if args.tokens else Images
-    loader = DataLoader(data(args.samples, args.kill_at), batch_size=args.batch_size)
+    loader = DataLoader(data(args.samples, args.kill_at, args.keep_columns), batch_size=args.batch_size)
+    columns = (["label", "id"] if args.tokens else "label") if args.keep_columns else None
     if args.tokens:
         fastcap.extract(model, loader, TOKEN_LAYERS, TOKEN_REDUCE, out=args.out, shard_size=args.shard_size,
-                        tokens=tokens())
+                        tokens=tokens(), keep_columns=columns)
     else:
-        fastcap.extract(model, loader, LAYERS, REDUCE, out=args.out, shard_size=args.shard_size)
+        fastcap.extract(model, loader, LAYERS, REDUCE, out=args.out, shard_size=args.shard_size,
+                        keep_columns=columns)
     if args.report:
         rank = int(os.environ.get("RANK", "0"))
         with open(f"{args.report}.{rank}", "w") as file:

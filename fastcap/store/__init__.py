@@ -70,6 +70,9 @@ class Store(Mapping):
             per sample).
         tokens: with ``extract(tokens=...)``, a :class:`TokenRows` aligned with the keys that
             have one row per kept token (``sample`` is the dataset index); else None.
+        columns: ``{name: numpy array}``, the columns kept beside the features
+            (``extract(keep_columns=...)``, an image folder's ``label``), one value per sample,
+            aligned with ``indices``; empty when none was kept.
         stats: ``{key: KeyStats}`` for every key whose rows are float vectors (pooled, token
             rows, full ``[N, C]``): count, per-channel ``mean``/``var``/``std``/``min``/``max``
             and ``norm_mean`` (the mean L2 norm of a row), over the store's rows, computed in
@@ -81,6 +84,8 @@ class Store(Mapping):
         >>> store["layer4"][10:20].mean()
         >>> store.stats["layer4"].mean       # float64 [2048], for normalising
         >>> store.verify()                   # every shard file against its recorded crc32
+        >>> store.columns["label"][:3]       # kept columns, aligned with store.indices
+        array([0, 0, 1])
     """
 
     def __init__(self, path: Path, manifest: dict):
@@ -90,6 +95,8 @@ class Store(Mapping):
         self._keys = manifest.get("keys", {})
         self._shards = manifest.get("shards", [])
         self._arrays: dict[str, LayerArray] = {}  # one per key, so its memory maps are reused
+        self._columns = manifest.get("columns", {})
+        self._column_values: dict[str, np.ndarray] | None = None
         self.stats: dict[str, KeyStats] = {key: Moments.from_json(value).key_stats()
                                            for key, value in manifest.get("stats", {}).items()}
         self._check_sizes()
@@ -99,7 +106,7 @@ class Store(Mapping):
         """Every shard file with its manifest record (size, crc32; None in format 1)."""
         for shard in self._shards:
             records = shard.get("files")
-            for meta in self._keys.values():
+            for meta in [*self._keys.values(), *self._columns.values()]:
                 record = records.get(meta["file"], {"bytes": -1}) if records is not None else None
                 yield self.path / shard["path"] / meta["file"], record
 
@@ -118,24 +125,36 @@ class Store(Mapping):
 
     def verify(self) -> None:
         """Reads every shard file and checks it against the crc32 the manifest recorded when it
-        was written; raises ValueError naming the first file that differs.
+        was written; raises ValueError naming the first file that differs (``fastcap verify OUT``
+        lists every one, with a progress bar).
 
         Example:
             >>> fastcap.open("feats/").verify()      # silent when every byte is as written
         """
         for path, record in self._files():
-            if record is None:
-                continue  # written before checksums were recorded
-            with builtins.open(path, "rb") as file:
-                major, _ = np.lib.format.read_magic(file)  # the crc32 covers the data after the header
-                (header_len,) = struct.unpack("<H" if major == 1 else "<I", file.read(2 if major == 1 else 4))
-                file.seek(header_len, os.SEEK_CUR)
-                crc = 0
-                while chunk := file.read(1 << 24):
-                    crc = zlib.crc32(chunk, crc)
-            if crc != record["crc32"]:
-                raise ValueError(f"{str(path)!r} is corrupt: its data's crc32 is {crc:#010x}, the "
-                                 f"manifest recorded {record['crc32']:#010x} when it was written")
+            problem = _file_problem(path, record)
+            if problem is not None:
+                raise ValueError(problem)
+
+    @property
+    def columns(self) -> dict[str, np.ndarray]:
+        """The kept columns, ``{name: numpy array [samples, ...]}`` in the store's order (aligned
+        with ``indices``), read on first use.
+
+        Example:
+            >>> store = fastcap.open("feats/")          # extracted from an image folder
+            >>> store.columns["label"][:4], store.indices[:4]
+            (array([0, 0, 1, 1]), array([0, 1, 2, 3]))
+        """
+        if self._column_values is None:
+            rows = self._rows["samples"]
+            stored = rows.starts[rows.shard_of] + rows.row_of  # each row's number in file order
+            self._column_values = {}
+            for name, meta in self._columns.items():
+                parts = [np.load(self.path / shard["path"] / meta["file"]) for shard in self._shards]
+                values = np.concatenate(parts) if parts else np.zeros((0, *meta["row_shape"]), meta["dtype"])
+                self._column_values[name] = values[stored]
+        return self._column_values
 
     def _locate_rows(self) -> None:
         """Map each row in dataset order to (shard, row in shard): of the samples, and (with
@@ -186,8 +205,8 @@ class Store(Mapping):
 
     def loader(self, keys, batch_size: int = 4096, shuffle: bool = True, seed: int = 0,
                num_workers: int = 0, *, drop_last: bool = False, with_index: bool = False,
-               window: int | None = None, pin_memory: bool = False, rank: int | None = None,
-               world_size: int | None = None):
+               with_columns=None, window: int | None = None, pin_memory: bool = False,
+               rank: int | None = None, world_size: int | None = None):
         """Shuffled batches of rows for training (a sparse autoencoder on the token rows, say): an
         ``IterableDataset`` yielding ``{key: tensor [batch, ...]}`` in the captured dtypes.
 
@@ -222,6 +241,8 @@ class Store(Mapping):
             with_index: add where each row came from: ``"sample"`` (the dataset index),
                 ``"position"`` and ``"token_id"`` for token rows, ``"index"`` for sample rows
                 (int64).
+            with_columns: a kept column's name, or a list of them, added to each batch (its
+                value per row: for token rows, their sample's), e.g. ``"label"``; numbers only.
             window: rows dealt to batches together (>= batch_size; default 16 * batch_size);
                 the loader holds their positions (8 bytes a row), not the rows. A batch of the
                 default window reads scattered rows; ``window=batch_size`` reads 16 runs of
@@ -245,8 +266,31 @@ class Store(Mapping):
         from fastcap.store._loader import RowLoader  # _loader reads the store: imported on use
 
         return RowLoader(self, keys, batch_size, shuffle, seed, num_workers, drop_last=drop_last,
-                         with_index=with_index, window=window, pin_memory=pin_memory, rank=rank,
-                         world_size=world_size)
+                         with_index=with_index, with_columns=with_columns, window=window,
+                         pin_memory=pin_memory, rank=rank, world_size=world_size)
+
+
+def _file_problem(path: Path, record: dict | None) -> str | None:
+    """What is wrong with one shard file against its manifest record (missing, truncated,
+    another crc32), or None when every byte is as written."""
+    if record is None:
+        return None  # written before checksums were recorded
+    try:
+        with builtins.open(path, "rb") as file:
+            major, _ = np.lib.format.read_magic(file)  # the crc32 covers the data after the header
+            (header_len,) = struct.unpack("<H" if major == 1 else "<I", file.read(2 if major == 1 else 4))
+            file.seek(header_len, os.SEEK_CUR)
+            crc = 0
+            while chunk := file.read(1 << 24):
+                crc = zlib.crc32(chunk, crc)
+    except FileNotFoundError:
+        return f"{str(path)!r} is missing"
+    except (ValueError, struct.error) as error:
+        return f"{str(path)!r} is not a .npy file any more: {error}"
+    if crc != record["crc32"]:
+        return (f"{str(path)!r} is corrupt: its data's crc32 is {crc:#010x}, the manifest recorded "
+                f"{record['crc32']:#010x} when it was written")
+    return None
 
 
 class TokenRows(NamedTuple):

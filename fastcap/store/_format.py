@@ -12,6 +12,11 @@ Statistics: every key whose rows are float vectors (``[rows, C]``: pooled, token
 ``[N, C]``; not top-k) has running moments in ``stats`` (``_stats.py``): per rank in the rank
 manifest, updated with each shard's commit, and merged over the ranks in ``manifest.json``.
 
+Kept columns (``extract(keep_columns=...)``: labels, ids): one value per sample row, as
+``column.<name>.npy`` in each shard beside the keys, listed in the manifest's ``columns``.
+``description`` holds the run's arguments in readable form (the command line's); unlike
+``args`` it is not compared on resume.
+
 Keys: a ``full`` or ``mean`` layer is stored under its capture key (``"layer4"``); a ``topk``
 layer as two arrays, ``"layer4"`` (the values) and ``"layer4.indices"`` (int64 channel
 indices). ``bfloat16`` and other dtypes numpy lacks are stored as unsigned integers of the
@@ -74,13 +79,16 @@ def merge_manifests(ranks: list[dict]) -> dict:
     complete = len(ranks) == world_size and all(state["complete"] for state in ranks)
     stats = {key: merge_json([state.get("stats", {}).get(key) for state in ranks])
              for key, meta in keys.items() if meta.get("stats")}
-    return header(first["args"]) | {
+    described = next((state["description"] for state in ranks if state.get("description")), None)
+    columns = next((state["columns"] for state in ranks if state.get("columns")), None)
+    return header(first["args"]) | ({"description": described} if described else {}) | {
         "world_size": world_size,
         "num_samples": num_samples,
         "rows": rows,
         "complete": complete,
         "keys": keys,
         "stats": {key: value for key, value in stats.items() if value is not None},
+        **({"columns": columns} if columns else {}),
         "shards": shards,
     }
 

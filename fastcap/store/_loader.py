@@ -151,6 +151,32 @@ class _Batches:
         return fill, {name: t.view(self._specs[name][2]) for name, t in fill.items()}
 
 
+def _column_fields(store, names, kind: str, taken: list[str]) -> dict[str, np.ndarray]:
+    """``with_columns``: each named kept column's value per row of the loader's keys, in the
+    store's order (a token row gets its sample's value)."""
+    if names is None:
+        return {}
+    names = [names] if isinstance(names, str) else list(names)
+    fields = {}
+    for name in names:
+        if name not in store.columns:
+            kept = list(store.columns) or "none"
+            raise ValueError(f"with_columns: {name!r} is not a column of the store at {str(store.path)!r} "
+                             f"(kept: {kept}); keep it with extract(keep_columns=[...]) or --keep-columns")
+        if name in taken or name in fields:
+            raise ValueError(f"with_columns: {name!r} clashes with a key or another field of the batch "
+                             f"({taken}); each batch holds one tensor per name")
+        values = store.columns[name]
+        if values.dtype.kind not in "biuf":
+            raise ValueError(f"with_columns: column {name!r} holds {values.dtype} values; batches are "
+                             "tensors: map the column to numbers (e.g. class indices) to load it")
+        if kind == "tokens":  # each token row's sample, as a row of the store's order
+            order = np.argsort(store.indices, kind="stable")
+            values = values[order[np.searchsorted(store.indices, store.tokens.sample, sorter=order)]]
+        fields[name] = np.ascontiguousarray(values)
+    return fields
+
+
 class RowLoader(IterableDataset):
     """Batches ``{key: tensor [batch, ...]}`` of a store's rows, shuffled across shards; made by
     :meth:`Store.loader`, which documents the arguments and how long a batch stays valid.
@@ -167,8 +193,8 @@ class RowLoader(IterableDataset):
 
     def __init__(self, store, keys, batch_size: int = 4096, shuffle: bool = True, seed: int = 0,
                  num_workers: int = 0, *, drop_last: bool = False, with_index: bool = False,
-                 window: int | None = None, pin_memory: bool = False, rank: int | None = None,
-                 world_size: int | None = None):
+                 with_columns=None, window: int | None = None, pin_memory: bool = False,
+                 rank: int | None = None, world_size: int | None = None):
         self.keys = [keys] if isinstance(keys, str) else list(keys)
         if not self.keys or not all(isinstance(key, str) for key in self.keys):
             raise ValueError(f"keys must be a key or a non-empty list of keys, got {keys!r}")
@@ -214,6 +240,7 @@ class RowLoader(IterableDataset):
                                                               store.tokens.token_id)))
             else:
                 self._fields = {"index": store.indices}
+        self._fields |= _column_fields(store, with_columns, kind, [*self.keys, *self._fields])
         # What a worker needs to read rows, without the store (so a spawned worker gets no memory
         # maps in its pickle): shard files, dtypes, and where each row lies.
         rows = arrays[0]._rows  # the same for every key of one kind
@@ -390,7 +417,9 @@ class RowLoader(IterableDataset):
         if mode not in self._pools:
             specs = {key: (torch.from_numpy(np.empty(0, dtype)).dtype, shape, torch_dtype)
                      for key, (dtype, shape, torch_dtype) in self._dtypes.items()}
-            specs |= {field: (torch.int64, (), torch.int64) for field in self._fields}
+            for field, values in self._fields.items():  # int64 index fields, kept columns' own dtypes
+                dtype = torch.from_numpy(values[:0]).dtype
+                specs[field] = (dtype, values.shape[1:], dtype)
             self._pools[mode] = _Batches(specs, self.batch_size, mode,
                                          _POOL + (_PREFETCH + 1) * self.num_workers)
         return self._pools[mode]
@@ -443,7 +472,7 @@ class RowLoader(IterableDataset):
         if self._fields:
             rows = positions if self._by_file is None else self._by_file[positions]
             for field, values in self._fields.items():
-                np.take(values, rows, out=batch[field].numpy(), mode="clip")
+                np.take(values, rows, axis=0, out=batch[field].numpy(), mode="clip")
         return batch
 
     def _copy(self, pieces: list, fill: dict[str, np.ndarray], slices: bool, lo: int, hi: int) -> None:

@@ -40,14 +40,18 @@ class RankDir:
         self.manifest_path = root / f"{rank_name(rank)}.json"
 
     @classmethod
-    def open(cls, root: Path, rank: int, args: dict, num_samples: int | None) -> "RankDir":
-        """Load this rank's progress (or start it) and delete anything not committed."""
+    def open(cls, root: Path, rank: int, args: dict, num_samples: int | None,
+             description: dict | None = None) -> "RankDir":
+        """Load this rank's progress (or start it) and delete anything not committed.
+
+        ``description``: the run's arguments in readable form (the command line's), recorded
+        by a new run beside ``args``; not part of what a resume must match."""
         path = root / f"{rank_name(rank)}.json"
         if path.is_file():
             state = read_json(path)
         else:
-            state = header(args) | {"rank": rank, "num_samples": num_samples, "keys": {},
-                                     "shards": [], "complete": False}
+            state = header(args) | ({"description": description} if description else {}) | {
+                "rank": rank, "num_samples": num_samples, "keys": {}, "shards": [], "complete": False}
         rank_dir = cls(root, rank, state)
         try:
             rank_dir.dir.mkdir(exist_ok=True)
@@ -149,11 +153,13 @@ class Shard:
         self.step_rows.append(rows)
         return written
 
-    def commit(self, indices: np.ndarray, positions: np.ndarray) -> None:
+    def commit(self, indices: np.ndarray, positions: np.ndarray, columns: dict | None = None) -> None:
         """Close, fsync, rename into place, then name the shard in the rank manifest, with the
         dataset indices (and global positions) of its rows; the rank's running statistics take
-        in the shard's rows in the same manifest write."""
+        in the shard's rows in the same manifest write. ``columns``: ``{name: array [samples]}``,
+        kept columns (labels, ids) written beside the keys, one value per sample row."""
         files = {stream.path.name: stream.close() for stream in self.streams.values()}
+        files |= self._write_columns(columns or {})
         state = self.rank_dir.state
         stats = dict(state.get("stats", {}))
         for key, moments in self._moments(positions, state.get("num_samples")).items():
@@ -180,6 +186,26 @@ class Shard:
             shards.pop()  # not committed: a rerun deletes the renamed directory
             state["stats"] = previous_stats
             raise
+
+    def _write_columns(self, columns: dict) -> dict:
+        """Each kept column as ``<name>.npy`` of the shard (its file recorded in the rank
+        manifest's ``columns`` on the first commit); returns their manifest entries."""
+        known = self.rank_dir.state.setdefault("columns", {})
+        files = {}
+        for name, values in columns.items():
+            if len(values) != self.samples:
+                raise ValueError(f"extract: column {name!r} has {len(values)} values for a shard of "
+                                 f"{self.samples} samples")
+            if name not in known:
+                taken = {meta["file"] for meta in self.rank_dir.state["keys"].values()}
+                taken |= {meta["file"] for meta in known.values()}
+                known[name] = {"file": _file_name("column." + name, taken), "dtype": values.dtype.str,
+                               "row_shape": list(values.shape[1:])}
+            values = _column_as(name, values, known[name])
+            stream = NpyStream(self.tmp / known[name]["file"], values.dtype, values.shape[1:])
+            stream.write(values)
+            files[stream.path.name] = stream.close()
+        return files
 
     def _moments(self, positions: np.ndarray, num_samples: int | None) -> dict:
         """Each statistics key's moments over the shard's rows that the store presents: a
@@ -246,13 +272,15 @@ class ShardWriter:
         self._thread = threading.Thread(target=self._loop, name="fastcap-extract-writer", daemon=True)
         self._thread.start()
 
-    def submit(self, size: int, indices: np.ndarray | None, positions: np.ndarray | None) -> None:
-        """The next finished step belongs to this batch (``size`` samples, dataset indices)."""
+    def submit(self, size: int, indices: np.ndarray | None, positions: np.ndarray | None,
+               columns: dict | None = None) -> None:
+        """The next finished step belongs to this batch (``size`` samples, dataset indices, and
+        the values of the kept ``columns``, ``{name: array [size]}``)."""
         if indices is None:
             indices = positions = np.arange(self._next_position, self._next_position + size, dtype=np.int64)
             self._next_position += size
         with self._submitted:
-            self.pending.append((size, indices, positions))
+            self.pending.append((size, indices, positions, columns or {}))
             # Batches whose step is not in the shard file yet (the rest only wait to be paired).
             written = len(self._shard.step_rows) if self._shard is not None else 0
             self.max_pending = max(self.max_pending, len(self.pending) - written)
@@ -415,13 +443,14 @@ class ShardWriter:
         """Pair the shard's steps with their confirmed batches, in order, and commit it."""
         shard = self._shard
         batches = [self._confirmed_batch() for _ in shard.step_rows]
-        for rows, (size, _, _) in zip(shard.step_rows, batches):
+        for rows, (size, *_) in zip(shard.step_rows, batches):
             if rows != size:
                 raise ValueError(
                     f"extract: a forward pass captured {rows} rows for a batch of {size} samples; "
                     "extract stores one row per sample, so dim 0 of every captured output must be "
                     "the batch")
-        shard.commit(np.concatenate([b[1] for b in batches]), np.concatenate([b[2] for b in batches]))
+        columns = {name: _concatenate([b[3][name] for b in batches]) for name in batches[0][3]}
+        shard.commit(np.concatenate([b[1] for b in batches]), np.concatenate([b[2] for b in batches]), columns)
         self._shard = None
         self.shards_written += 1
 
@@ -537,6 +566,26 @@ def _file_name(key: str, taken: set[str]) -> str:
     while name in taken:
         name, number = f"{stem}_{number}.npy", number + 1
     return name
+
+
+def _concatenate(parts: list) -> np.ndarray:
+    """One column's values over a shard's batches (strings of any width, numbers as they came)."""
+    return np.concatenate(parts) if parts else np.zeros(0)
+
+
+def _column_as(name: str, values: np.ndarray, meta: dict) -> np.ndarray:
+    """A shard's values of a kept column in the column's recorded dtype: strings keep their own
+    width, numbers are cast within their kind (int64 stays int64); anything else names it."""
+    recorded = np.dtype(meta["dtype"])
+    if list(values.shape[1:]) != meta["row_shape"]:
+        raise ValueError(f"extract: column {name!r} changed from values of shape {tuple(meta['row_shape'])} "
+                         f"to {tuple(values.shape[1:])}")
+    if recorded.kind == "U" and values.dtype.kind == "U":
+        return values
+    if values.dtype == recorded or (values.dtype.kind != "U" and np.can_cast(values.dtype, recorded, "same_kind")):
+        return values.astype(recorded, copy=False)
+    raise ValueError(f"extract: column {name!r} changed from {recorded} values to {values.dtype} ones; "
+                     "every batch must give it values of one kind")
 
 
 def _to_numpy(tensor: torch.Tensor) -> np.ndarray:
