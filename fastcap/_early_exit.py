@@ -1,10 +1,14 @@
 """Early exit (``extract(..., stop_early=True)``): where each forward may end once every captured
 layer has run, and the check that nothing captured is dropped by ending it there.
 
-The first forward that runs to its end is the learning one: pre-hooks on every submodule see
+The stop point is learned from a forward that runs to its end: pre-hooks on every submodule see
 which module call came first after the last call of a captured layer (the *stop point*: the
-module and which of its calls, e.g. block 5 after captured block 4). Every later forward ends at
-that call, before the module runs (a pre-hook, ahead of any other), by raising
+module and which of its calls, e.g. block 5 after captured block 4). ``extract`` runs that
+learning forward on a one-sample slice of the first batch, with the capture's hooks only
+counting (nothing is stored), so that the model's tail (an LM head's ``[batch, T, vocab]``
+logits) never runs at full batch; where the slice cannot run (a forward that needs the whole
+batch), the first real forward learns instead and runs to its end. Every later forward ends at
+the stop point, before the module runs (a pre-hook, ahead of any other), by raising
 :class:`StopForward` - but only after checking that each captured layer ran exactly as often as
 in the learning forward; any other count is an error naming the layer, never a silently missing
 ``name#1`` or layer.
@@ -46,6 +50,8 @@ class EarlyExit:
         self._module_calls: Dict[str, int] = {}  # learning: calls of each module so far
         self._next_call: Optional[Tuple[str, int]] = None  # learning: first call after a captured one
         self._stop_calls = 0  # calls of the stop point's module in the current forward
+        self.slice_calls: Optional[Dict[str, int]] = None  # learning on a slice: captured calls so far
+        self.learned_from = "the first forward"
 
     @property
     def learning(self) -> bool:
@@ -70,9 +76,35 @@ class EarlyExit:
         self._next_call = None
         self._stop_calls = 0
 
-    def layer_ran(self) -> None:
-        """A captured layer's hook ran: while learning, the stop point is a later call."""
+    def layer_ran(self, key: Optional[str] = None) -> None:
+        """A captured layer's hook ran: while learning, the stop point is a later call. On a
+        slice (``key`` given) the capture stores nothing: the call is counted here."""
         self._next_call = None
+        if key is not None and self.slice_calls is not None:
+            self.slice_calls[key] = self.slice_calls.get(key, 0) + 1
+
+    def learn_on_slice(self, run: Callable[[], None]) -> bool:
+        """Runs ``run()`` (a forward of one sample, the capture's hooks calling
+        :meth:`layer_ran` with their key and storing nothing) as the learning forward. Whether
+        it taught the stop point; when ``run()`` raised an ``Exception``, or no captured layer
+        ran, the next forward learns as before."""
+        if not self.learning:
+            return False
+        self.step_started()
+        self.slice_calls = {}
+        try:
+            run()
+            calls = self.slice_calls
+        except Exception:  # e.g. a forward= that needs the whole batch: learn on the first one
+            calls = None
+        finally:
+            self.slice_calls = None
+        if not calls:
+            self.step_started()
+            return False
+        self.learned_from = "the learning forward (one sample of the first batch)"
+        self.step_finished(calls)
+        return True
 
     def step_finished(self, calls: Dict[str, int]) -> None:
         """The learning forward ran to its end with these captured calls: fix the stop point,
@@ -103,7 +135,7 @@ class EarlyExit:
             return
         odd = [key for key in {**self.calls, **calls} if calls.get(key, 0) != self.calls.get(key, 0)]
         counts = "; ".join(f"layer {key!r} ran {calls.get(key, 0)} time(s) in this forward, "
-                           f"{self.calls.get(key, 0)} in the first" for key in odd)
+                           f"{self.calls.get(key, 0)} in {self.learned_from}" for key in odd)
         raise ValueError(
             f"extract: {counts} (counted when the forward reached {self.stop_at[0]!r}, where early exit "
             "ends it). extract stores one row per sample for every layer call, so each forward must call "

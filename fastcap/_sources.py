@@ -35,6 +35,19 @@ def batch_size(batch) -> int:
     raise TypeError(f"cannot tell the batch size of a {type(batch).__name__} batch: it holds no tensor")
 
 
+def first_sample(batch, size: int):
+    """The batch cut to its first sample: every tensor whose dim 0 is the batch's ``size``
+    sliced to ``[:1]`` (a view), in the same structure; anything else as it is."""
+    if isinstance(batch, torch.Tensor):
+        return batch[:1] if batch.dim() and batch.shape[0] == size else batch
+    if isinstance(batch, Mapping):
+        return {key: first_sample(value, size) for key, value in batch.items()}
+    if isinstance(batch, (tuple, list)):
+        cut = [first_sample(value, size) for value in batch]
+        return type(batch)(*cut) if hasattr(batch, "_fields") else type(batch)(cut)
+    return batch
+
+
 def to_device(batch, device: torch.device):
     """The batch's tensors on ``device`` (``non_blocking`` from pinned memory)."""
     if device.type == "cpu":

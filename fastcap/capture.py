@@ -124,6 +124,11 @@ class Capture:
         of the model itself (a forward that calls its submodules directly)."""
         self._core.end_implicit_step()
 
+    def _learn_stop_point(self, run) -> bool:
+        """``stop_early``: learn where to stop from ``run()``, a forward of one sample that this
+        capture counts and does not store (extract runs it before the first batch)."""
+        return self._hooks.learn_stop_point(run)
+
     def end_stopped_step(self) -> None:
         """After a forward ended by early exit's ``StopForward``: the model's own post-hook did
         not run (torch runs always_call hooks for an Exception only), so finish its step here."""

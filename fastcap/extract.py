@@ -31,7 +31,7 @@ from torch.utils.data import Dataset, IterableDataset
 
 from fastcap._distributed import ProcessGroup, launch_rank, show_progress
 from fastcap._layers import model_device, resolve_reduce
-from fastcap._sources import batch_size, check_columns, make_source, split_columns, to_device
+from fastcap._sources import batch_size, check_columns, first_sample, make_source, split_columns, to_device
 from fastcap._tokens import Tokens
 from fastcap._early_exit import StopForward
 from fastcap._steps import ConsumerFailed
@@ -275,6 +275,11 @@ def _forward_all(model, cap, batches, writer: "ShardWriter", device, forward, ba
             before = cap.steps_finished
             batch = to_device(batch, device)
             tokens.append(_input_tokens(batch))
+            if number == 0 and size > 1:
+                # Early exit learns where to stop on one sample, stored nowhere: the model's tail
+                # (an LM head's logits) never runs at full batch.
+                one = first_sample(batch, size)
+                cap._learn_stop_point(lambda: forward(model, one))
             try:
                 forward(model, batch)
             except StopForward:  # every captured layer has run: the rest is not needed

@@ -168,7 +168,8 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path):
     resumed = _run([str(WORKER), str(killed), "--report", report])
     assert resumed.returncode == 0, resumed.stderr
     forwards = json.loads(Path(report + ".0").read_text())["forwards"]
-    assert forwards == (200 - committed) // 4  # committed batches were not run again
+    # Committed batches were not run again (+ 1: early exit's learning forward, on one sample).
+    assert forwards == (200 - committed) // 4 + 1
     assert _run([str(WORKER), str(clean)]).returncode == 0
 
     assert fastcap.open(killed).complete
@@ -293,7 +294,7 @@ def test_torchrun_two_ranks_equal_single_process(tmp_path):
     for key in ("0", "3"):
         torch.testing.assert_close(two[key].tensor(), one[key].tensor())  # batches differ
     ranks = [json.loads(Path(f"{report}.{r}").read_text())["forwards"] for r in (0, 1)]
-    assert ranks == [5, 5]  # 19 samples per rank in batches of 4
+    assert ranks == [5 + 1, 5 + 1]  # 19 samples per rank in batches of 4, + the learning forward
 
 
 # ------------------------------------------------------------------ command line

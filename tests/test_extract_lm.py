@@ -56,9 +56,9 @@ def test_early_exit_is_bit_identical_and_runs_fewer_blocks(tmp_path):
     early = _extract(model, tmp_path / "early")
     early_blocks, calls[0] = calls[0], 0
     full = _extract(model, tmp_path / "full", stop_early=False)
-    # 5 batches of 6 blocks; with early exit the first runs all 6 (to learn the deepest layer)
-    # and the other 4 stop after h.2, the third block.
-    assert (early_blocks, calls[0]) == (6 + 4 * 3, 5 * 6)
+    # 5 batches of 6 blocks; with early exit a forward of one sample of the first batch runs all
+    # 6 (to learn the deepest layer; stored nowhere) and every batch stops after h.2, the third.
+    assert (early_blocks, calls[0]) == (6 + 5 * 3, 5 * 6)
     assert _files(tmp_path / "early") == _files(tmp_path / "full")
     with torch.inference_mode(), fastcap.capture(model, LAYERS, REDUCE, tokens=fastcap.Tokens()) as cap:
         for batch in DataLoader(texts(), batch_size=8):
@@ -82,6 +82,58 @@ class TwiceLM(torch.nn.Module):
     def forward(self, input_ids, attention_mask=None):
         x = self.block(torch.tanh(self.block(self.embed(input_ids))))
         return self.head(x)
+
+
+class BigHeadLM(torch.nn.Module):
+    """A block, then an LM head with a large vocabulary: at batch 16 x 64 tokens its logits take
+    16 x 64 x 20000 x 4 bytes = 78 MiB, for one sample 4.9 MiB."""
+
+    VOCAB = 20000
+
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Embedding(97, 16)
+        self.block = torch.nn.Linear(16, 16)
+        self.head = torch.nn.Linear(16, self.VOCAB)
+        self.logits_bytes = []  # bytes of every logits tensor the head allocated
+        self.head.register_forward_hook(lambda m, args, out: self.logits_bytes.append(out.nbytes))
+
+    def forward(self, input_ids, attention_mask=None):
+        return self.head(torch.tanh(self.block(self.embed(input_ids))))
+
+
+def test_early_exit_never_runs_the_head_at_full_batch(tmp_path):
+    """The learning forward used to be the first batch's, to the end: the head's full-batch
+    logits then set the extraction's peak memory. Now the head allocates one sample's."""
+    torch.manual_seed(0)
+    model = BigHeadLM().eval()
+    data = DataLoader(texts(48, 64), batch_size=16)
+    early = fastcap.extract(model, data, "block", "tokens", out=tmp_path / "early", tokens=fastcap.Tokens())
+    one_sample = 64 * BigHeadLM.VOCAB * 4
+    assert model.logits_bytes == [one_sample]  # 78 MiB at full batch
+    full = fastcap.extract(model, data, "block", "tokens", out=tmp_path / "full", tokens=fastcap.Tokens(),
+                           stop_early=False)
+    assert model.logits_bytes[1:] == [16 * one_sample] * 3
+    assert np.array_equal(early["block"][:], full["block"][:])
+
+
+def test_early_exit_learns_on_the_first_batch_when_one_sample_cannot_run(tmp_path):
+    """A forward= that needs the whole batch: the first real forward learns (and is stored)."""
+    torch.manual_seed(0)
+    model = TwiceLM().eval()
+
+    def forward(model, batch):
+        assert batch["input_ids"].shape[0] == 8, "this forward takes whole batches only"
+        return model(**batch)
+
+    data = DataLoader(texts(24), batch_size=8)
+    early = fastcap.extract(model, data, "block", "tokens", out=tmp_path / "early", tokens=fastcap.Tokens(),
+                            forward=forward)
+    assert model.heads == 1
+    full = fastcap.extract(model, data, "block", "tokens", out=tmp_path / "full", tokens=fastcap.Tokens(),
+                           stop_early=False)
+    for key in ("block", "block#1"):
+        assert np.array_equal(early[key][:], full[key][:]), key
 
 
 def test_early_exit_waits_for_every_call_of_a_layer(tmp_path):

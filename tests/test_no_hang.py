@@ -161,11 +161,15 @@ class StalledConsumer:
 
     def __init__(self, cap):
         self.cap, self.gate, self.got = cap, threading.Event(), []
-        self.thread = threading.Thread(target=self._run, name="stalled-consumer")
+        drained_once = threading.Event()
+        self.thread = threading.Thread(target=self._run, args=(drained_once,), name="stalled-consumer")
         self.thread.start()
+        # Before any forward: a first drain() racing the forwards could take every step.
+        assert drained_once.wait(DEADLINE)
 
-    def _run(self):
+    def _run(self, drained_once):
         self.got.extend(self.cap.drain())
+        drained_once.set()
         self.gate.wait(DEADLINE)
         self.got.extend(self.cap.drain(block=True))
 
@@ -289,7 +293,7 @@ def test_extract_of_no_samples_is_refused_not_an_empty_store(tmp_path, data):
 
 
 class Scripted(nn.Module):
-    """Forward i calls ``block`` ``block_calls[i]`` times and ``expert`` (after block) when
+    """Batch i calls ``block`` ``block_calls[i]`` times and ``expert`` (after block) when
     ``expert_runs[i]``, then ``head``: call counts that vary from batch to batch."""
 
     def __init__(self, block_calls, expert_runs):
@@ -300,7 +304,12 @@ class Scripted(nn.Module):
         self.eval()
 
     def forward(self, x):
-        i, self.forwards = self.forwards, self.forwards + 1
+        # Forward i follows the script of batch i; early exit's learning forward (one sample of
+        # the first batch, before it) follows batch 0's.
+        if x.shape[0] == 1:
+            i = 0
+        else:
+            i, self.forwards = self.forwards, self.forwards + 1
         for _ in range(self.block_calls[i]):
             x = self.block(x)
         if self.expert_runs[i]:
@@ -335,19 +344,20 @@ def test_a_layer_that_runs_only_in_later_batches_is_an_error(tmp_path, stop_earl
 
 def test_a_layer_that_stops_running_is_named_at_the_stop_point(tmp_path):
     model = Scripted(block_calls=[1, 1, 1], expert_runs=[True, True, False])
-    with pytest.raises(ValueError, match=r"layer 'expert' ran 0 time\(s\) in this forward, 1 in the first"):
+    with pytest.raises(ValueError, match=r"layer 'expert' ran 0 time\(s\) in this forward, 1 in the learning forward \(one sample of the first batch\)"):
         _scripted_extract(tmp_path, model, ["block", "expert"])
 
 
 def test_early_exit_stops_before_the_next_module_and_stores_every_call(tmp_path):
     """Equal calls in every batch: early exit stores what a full forward stores, and the module
-    after the deepest captured call (``head``) runs only in the first, learning, forward."""
+    after the deepest captured call (``head``) runs only in the learning forward (one sample of
+    the first batch, stored nowhere)."""
     heads = []
     early_model = Scripted(block_calls=[2, 2, 2], expert_runs=[True, True, True])
-    early_model.head.register_forward_pre_hook(lambda *args: heads.append(1))
+    early_model.head.register_forward_pre_hook(lambda module, args: heads.append(tuple(args[0].shape)))
     early = _scripted_extract(tmp_path, early_model, ["block", "expert"])
     full = _scripted_extract(tmp_path, Scripted([2, 2, 2], [True, True, True]), ["block", "expert"], False)
-    assert len(heads) == 1
+    assert heads == [(1, 4)]
     assert sorted(early) == sorted(full) == ["block", "block#1", "expert"]
     for key in full:
         assert torch.equal(early[key].tensor(), full[key].tensor()), key
