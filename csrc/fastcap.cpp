@@ -49,6 +49,7 @@ struct Hook {
   py::object on_error;   // on_error(): closes the capture (nothing left behind after an error)
 
   py::object call(py::handle module, py::handle args, py::handle output) {
+    if (fallback.is_none()) return py::none();  // cleared: its capture has closed
     const at::Tensor* x = nullptr;
     PyObject* out = output.ptr();
     if (select_first) {
@@ -67,6 +68,14 @@ struct Hook {
     }
     if (r.done) return py::none();
     return fallback(r.call, output);
+  }
+
+  // Drops the Python callables. The garbage collector cannot see a pybind11 object's
+  // references: a Hook kept alive by a traceback (a frame of the hook call) would otherwise
+  // keep the capture, its rings and the error that ended it alive for ever.
+  void clear() {
+    fallback = py::none();
+    on_error = py::none();
   }
 };
 
@@ -227,7 +236,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   py::enum_<Op>(m, "Op").value("copy", Op::kCopy).value("mean", Op::kMean).value("topk", Op::kTopk);
 
   py::class_<Hook>(m, "Hook", "A captured layer's forward hook: (module, args, output) -> None.")
-      .def("__call__", &Hook::call);
+      .def("__call__", &Hook::call)
+      .def("clear", &Hook::clear, "Drops the Python callables (the capture closed); later calls do nothing.");
 
   py::class_<SlotItem, std::shared_ptr<SlotItem>>(m, "SlotItem", "A captured activation read in its ring slot.")
       .def_property_readonly("key", [](const SlotItem& s) { return s.core->key_name(s.item.key); })

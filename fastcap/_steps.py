@@ -76,6 +76,7 @@ class ForwardHooks:
         self._timeout = timeout  # seconds a forward may wait for a slot; None: for ever (warned)
         self._on_error = on_error
         self._handles: List[Any] = []
+        self._compiled_hooks: List[Any] = []  # the fastcap._C.Hook of each captured layer
         self._parts: Dict[tuple, List[Part]] = {}  # plan per activation signature
         self._installed: Dict[tuple, tuple] = {}  # (layer, call) -> the signature of its plan in the core
         self._local = threading.local()  # tokens=: the thread's open step
@@ -99,6 +100,7 @@ class ForwardHooks:
         self._handles.append(self._model.register_forward_hook(eager(self._on_model_end), always_call=True))
         for index, layer in enumerate(self._layers):
             hook = self._core.hook(index, layer.select is None, self._fallback_for(index), self._on_error)
+            self._compiled_hooks.append(hook)
             self._handles.append(modules[layer.module_name].register_forward_hook(hook))
         if self._early_exit is not None:
             self._core.set_slow_path(True)  # the learning forward tells early exit of every capture
@@ -108,6 +110,11 @@ class ForwardHooks:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        # A compiled hook's references are invisible to the garbage collector: a traceback
+        # holding one would keep this capture alive for ever (see Hook::clear).
+        for hook in self._compiled_hooks:
+            hook.clear()
+        self._compiled_hooks.clear()
 
     def _register_pre_hook(self, module: nn.Module, hook: Callable):
         """A pre-hook of early exit's, ahead of the module's others; an error in it (not
@@ -127,7 +134,23 @@ class ForwardHooks:
         return {layer.key: n for layer, n in zip(self._layers, calls) if n} if calls else None
 
     # ----------------------------------------------------------------- steps
+    def learn_stop_point(self, run: Callable[[], None]) -> bool:
+        """Early exit's learning forward on a slice: ``run()`` calls the model, whose hooks count
+        the captured layers' calls for early exit and capture nothing. See
+        :meth:`fastcap._early_exit.EarlyExit.learn_on_slice`."""
+        if self._early_exit is None or not self._early_exit.learning:
+            return False
+        learned = self._early_exit.learn_on_slice(run)
+        if learned:
+            self._core.set_slow_path(False)
+        return learned
+
+    def _learning_on_slice(self) -> bool:
+        return self._early_exit is not None and self._early_exit.slice_calls is not None
+
     def _on_model_start(self, module, args, kwargs) -> None:
+        if self._learning_on_slice():
+            return  # no step: nothing is captured
         if not self._core.enter_model():
             return  # a nested call of the model belongs to the open step
         if self._tokens is not None:
@@ -136,6 +159,8 @@ class ForwardHooks:
             self._early_exit.step_started()
 
     def _on_model_end(self, module, args, output) -> None:
+        if self._learning_on_slice():
+            return
         learning = self._early_exit is not None and self._early_exit.learning
         calls = self._open_step_calls() if learning else None
         if self._core.exit_model() and learning and calls:
@@ -147,6 +172,9 @@ class ForwardHooks:
         layer = self._layers[index]
 
         def fallback(call: int, output: Any) -> None:
+            if call < 0 and self._learning_on_slice():  # early exit learning: count, store nothing
+                self._early_exit.layer_ran(layer.key)
+                return
             try:
                 self._capture(index, layer, call, output)
             except BaseException:

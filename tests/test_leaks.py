@@ -67,6 +67,27 @@ def test_exception_inside_the_forward():
     assert set(cap.result()) == {"0", "1"}  # captured before the failure: kept
 
 
+def test_a_hook_kept_alive_keeps_nothing_of_its_closed_capture():
+    """A traceback through a hook call keeps the compiled hook alive (a frame holds it), and the
+    garbage collector cannot see a compiled object's references: once closed, the hook must
+    hold none, or the capture and its rings stay alive for ever (seen after a failed extract
+    whose error reached the forward inside a hook)."""
+    import weakref
+
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
+    with torch.no_grad(), fastcap.capture(model, "0") as cap:
+        model(torch.randn(2, 4))
+        hook = next(iter(model[0]._forward_hooks.values()))
+    assert hook_count(model) == 0
+    dead = weakref.ref(cap)
+    del cap
+    gc.collect()
+    assert dead() is None, "the closed capture is still alive"
+    assert _ext.live_host_bytes() == 0
+    hook(model[0], (), torch.randn(2, 4))  # a call after close does nothing
+    del hook
+
+
 def test_rss_flat_over_50_capture_cycles(model):
     proc = psutil.Process()
     x = torch.randn(8, 3, 64, 64)
