@@ -38,19 +38,9 @@ HostBuffer::HostBuffer(HostPool* pool, void* d, int64_t n, bool use_pinned)
   count_live(bytes, pinned);
 }
 
-void HostBuffer::detach() {
-  if (detached_.exchange(true)) return;
-  count_live(-bytes, pinned);
-  pool_->forget(bytes);
-}
-
 HostBuffer::~HostBuffer() {
-  if (detached_.load()) {
-    pool_->free_detached(data, bytes);
-  } else {
-    count_live(-bytes, pinned);
-    pool_->give_back(data, bytes);
-  }
+  count_live(-bytes, pinned);
+  pool_->give_back(data, bytes);
 }
 
 HostPool& HostPool::instance(bool pinned) {
@@ -134,20 +124,6 @@ void HostPool::give_back(void* data, int64_t bytes) {
     return;
   }
   stats_.cached_bytes += bytes;
-}
-
-void HostPool::forget(int64_t bytes) {
-  std::lock_guard<std::mutex> lock(mutex_);
-  stats_.allocated_bytes -= bytes;
-}
-
-void HostPool::free_detached(void* data, int64_t bytes) {
-  (void)bytes;
-  {
-    std::lock_guard<std::mutex> lock(mutex_);
-    stats_.frees += 1;
-  }
-  free_block(data);
 }
 
 void HostPool::free_block(void* data) const {

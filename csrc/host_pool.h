@@ -20,25 +20,19 @@
 namespace fastcap {
 
 // Bytes of host memory held for rings right now (pinned and plain): a ring's slots, and
-// views of them still alive. A detached buffer (the user's, after take()) and a block
-// cached in the pool's free list do not count. A leak shows up here.
+// views of them still alive. A block cached in the pool's free list does not count. A leak
+// shows up here.
 int64_t live_host_bytes();
 int64_t live_pinned_bytes();
 
 class HostPool;
 
 // One block of the pool, in use. When the last owner (the ring or a tensor view handed
-// to Python) lets go, the block goes back to the pool's free list, or is freed if
-// detached.
+// to Python) lets go, the block goes back to the pool's free list.
 struct HostBuffer {
   ~HostBuffer();
   HostBuffer(const HostBuffer&) = delete;
   HostBuffer& operator=(const HostBuffer&) = delete;
-
-  // The buffer now belongs to a result tensor: it stops counting as ring memory, and is
-  // freed (not cached) when its last owner lets go. Idempotent.
-  void detach();
-  bool detached() const { return detached_.load(); }
 
   void* const data;
   const int64_t bytes;  // capacity: the bucket size
@@ -49,15 +43,14 @@ struct HostBuffer {
   HostBuffer(HostPool* pool, void* data, int64_t bytes, bool pinned);
 
   HostPool* const pool_;
-  std::atomic<bool> detached_{false};
 };
 
 struct HostPoolStats {
-  int64_t allocated_bytes = 0;  // every block the pool owns: in use + cached (not detached)
+  int64_t allocated_bytes = 0;  // every block the pool owns: in use + cached
   int64_t cached_bytes = 0;     // blocks in the free lists
   int64_t allocations = 0;      // real allocations (cudaHostAlloc / aligned_alloc) so far
   int64_t reuses = 0;           // requests served from a free list
-  int64_t frees = 0;            // real frees: empty_cache(), and detached buffers let go
+  int64_t frees = 0;            // real frees: empty_cache()
 };
 
 class HostPool {
@@ -84,8 +77,6 @@ class HostPool {
   friend struct HostBuffer;
   explicit HostPool(bool pinned) : pinned_(pinned) {}
   void give_back(void* data, int64_t bytes);    // the last owner of a pooled block let go
-  void free_detached(void* data, int64_t bytes);  // ... of a detached one
-  void forget(int64_t bytes);                   // detach(): the block leaves the pool
   void free_block(void* data) const;
 
   const bool pinned_;

@@ -3,6 +3,7 @@
 #include "host_pool.h"
 #include "intervals.h"
 #include "ring.h"
+#include "transfer.h"
 #include "tests/expect.h"
 
 #include <cmath>
@@ -151,29 +152,14 @@ void pool_reuses_a_bucket() {
   EXPECT(fastcap::live_host_bytes() == live0);
 }
 
-void detached_buffers_are_freed() {
-  fastcap::empty_cache();
-  HostPool& pool = HostPool::instance(false);
-  const auto s0 = pool.stats();
-  const int64_t live0 = fastcap::live_host_bytes();
-  auto d = pool.allocate(5000);
-  d->detach();
-  d->detach();  // idempotent
-  EXPECT(fastcap::live_host_bytes() == live0);
-  EXPECT(pool.stats().allocated_bytes == s0.allocated_bytes);  // it left the pool
-  d.reset();
-  const auto s = pool.stats();
-  EXPECT(s.cached_bytes == 0 && s.frees == s0.frees + 1);
-}
-
 void ring_round_trip_through_the_pool() {
   fastcap::empty_cache();
   HostPool& pool = HostPool::instance(false);
   const int64_t live0 = fastcap::live_host_bytes();
   {
-    fastcap::Ring ring(3, false);
+    fastcap::Ring ring(3, false, std::make_unique<fastcap::HostTransfer>());
     const int64_t slot = ring.acquire(5000, 0.0);
-    ring.commit(slot, 5000, false);
+    ring.commit(slot, 5000);
     ring.release(slot);
     EXPECT(fastcap::live_host_bytes() == live0 + 3 * 5120);
     ring.close();
@@ -182,21 +168,22 @@ void ring_round_trip_through_the_pool() {
   const auto s1 = pool.stats();
   EXPECT(s1.cached_bytes == 3 * 5120);  // closing freed nothing
   {
-    fastcap::Ring ring(3, false);  // the same size: its slots come from the cache
+    // The same size: its slots come from the cache.
+    fastcap::Ring ring(3, false, std::make_unique<fastcap::HostTransfer>());
     const int64_t slot = ring.acquire(5000, 0.0);
     const auto s2 = pool.stats();
     EXPECT(s2.reuses == s1.reuses + 3 && s2.allocations == s1.allocations);
     EXPECT(s2.cached_bytes == 0);
     EXPECT(ring.host(slot).numel() == 5120);
-    ring.commit(slot, 5000, false);
-    at::Tensor taken = ring.take(slot);  // detached: freed with the tensor, not cached
-    EXPECT(taken.numel() == 5000);
-    taken = at::Tensor();
-    EXPECT(pool.stats().frees == s2.frees + 1);
+    ring.commit(slot, 5000);
+    at::Tensor view = ring.host(slot);  // a view keeps the block alive past the ring
+    ring.release(slot);
+    ring.close();
+    EXPECT(fastcap::live_host_bytes() == live0 + 5120);
+    view = at::Tensor();
   }
   EXPECT(fastcap::live_host_bytes() == live0);
-  // Every slot's block back in the cache, the one take() refilled the slot with included.
-  EXPECT(pool.stats().cached_bytes == 3 * 5120);
+  EXPECT(pool.stats().cached_bytes == 3 * 5120);  // every slot's block back in the cache
   fastcap::empty_cache();
 }
 
@@ -210,7 +197,6 @@ int main() {
       {"timeline_sums_devices", timeline_sums_devices},
       {"buckets", buckets},
       {"pool_reuses_a_bucket", pool_reuses_a_bucket},
-      {"detached_buffers_are_freed", detached_buffers_are_freed},
       {"ring_round_trip_through_the_pool", ring_round_trip_through_the_pool},
   });
 }
