@@ -1,11 +1,12 @@
 """The GPU check's summary table, from the JSONs ``fastcap bench`` and the token benchmark wrote.
 
-    python benchmarks/gpu_report.py OUT_DIR       # reads OUT_DIR/resnet50-{full,mean,topk}.json
-                                                  # and OUT_DIR/tokens.json, prints markdown
+    python benchmarks/gpu_report.py OUT_DIR       # reads OUT_DIR/resnet50-{full,growth,mean,topk}.json
+                                                  # and OUT_DIR/{tokens,extract_lm}.json, prints markdown
 
 Per reduce mode: images/s with no capture (T0), fastcap's and the pure-Python hook doing the
 same work (clone for full, reduce + .cpu() for mean/topk) with their ratio to T0; device
-memory above the no-capture peak, and after the last memory-growth checkpoint (100 batches);
+memory above the no-capture peak, and after the last memory-growth checkpoint (resnet50-growth.json,
+the full-capture growth run, when the mode's own JSON has none; gpu_check.sh: 20 batches);
 fastcap's D2H GB/s against a raw pinned-copy probe of the same bytes; and, when the token
 benchmark ran, GPT-2's kept tokens/s as reduce="tokens" against a plain forward. Runs on any
 machine (a CPU run gives the same table with the GPU columns empty).
@@ -28,18 +29,26 @@ def _num(v, fmt: str) -> str:
     return "-" if v is None else format(v, fmt)
 
 
+def _load(path: str):
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
 def resnet_rows(out: str) -> list[str]:
     rows = []
+    growth_run = _load(os.path.join(out, "resnet50-growth.json")) or {}
     for reduce in ("full", "mean", "topk"):
-        path = os.path.join(out, f"resnet50-{reduce}.json")
-        if not os.path.exists(path):
+        data = _load(os.path.join(out, f"resnet50-{reduce}.json"))
+        if data is None:
             rows.append(f"| {reduce} | (not run) | | | | | | | |")
             continue
-        with open(path) as f:
-            data = json.load(f)
         by = {r["method"]: r for r in data["throughput"] if "error" not in r}
         none, fast, hook = by.get("none", {}), by.get("fastcap", {}), by.get(SAME_WORK[reduce], {})
-        growth = {(g["method"], g["policy"]): g for g in data.get("memory_growth") or []}
+        records = data.get("memory_growth") or (
+            growth_run.get("memory_growth") if reduce == (growth_run.get("config") or {}).get("reduce") else None)
+        growth = {(g["method"], g["policy"]): g for g in records or []}
         drained = (growth.get(("fastcap", "drain")) or {}).get("rows") or [{}]
         rows.append(
             f"| {reduce} | {_num(none.get('items_per_s'), '.0f')} | {_num(fast.get('items_per_s'), '.0f')} "
@@ -52,11 +61,12 @@ def resnet_rows(out: str) -> list[str]:
 
 
 def tokens_rows(out: str) -> list[str]:
-    path = os.path.join(out, "tokens.json")
-    if not os.path.exists(path):
+    # One pytest-benchmark JSON per session: the token benchmark and the LM extract (or, as
+    # before, both in tokens.json).
+    found = [d for d in (_load(os.path.join(out, name)) for name in ("tokens.json", "extract_lm.json")) if d]
+    if not found:
         return []
-    with open(path) as f:
-        data = json.load(f)
+    data = {"benchmarks": [b for d in found for b in d.get("benchmarks", [])]}
     lines = ["", "| language model | kept tokens/s plain | kept tokens/s fastcap tokens | ratio |", "|---|---:|---:|---:|"]
     extracts = []
     for b in data["benchmarks"]:
