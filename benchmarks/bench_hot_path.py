@@ -1,6 +1,8 @@
 """The per-activation cost of capturing, against the Python hook fastcap replaces.
 
-Three cases, every method interleaved in one process, rounds in a new random order each, medians:
+Three cases, every method interleaved in one process, rounds in a new random order each; each
+figure is the median over rounds of that round's figure against the same round's plain forward
+(paired: the machine's speed drifts between rounds):
 
 - ``mlp``: 24 x ``Linear(64, 64)`` at batch 4 on one thread, every layer captured: the added cost
   per hook (``(forward with capture - plain forward) / 24``) of fastcap's default capture
@@ -9,9 +11,10 @@ Three cases, every method interleaved in one process, rounds in a new random ord
   for ``mean``), each keeping what it captured, as ``result()`` does;
 - ``gpt2``: a 12-block GPT-2 (n_embd 256, random weights) at batch 1 x 32 tokens on two threads,
   all 12 blocks ``full``: the forward's time over the plain forward's;
+- ``gpt2_1thread``: the same on one thread (a core left free for fastcap's collector);
 - ``resnet50``: ResNet-50 at batch 32, 160x160, ``layer1..layer4`` ``mean``: the same ratio.
 
-    python benchmarks/bench_hot_path.py [--rounds 7] [--quick] [--out benchmarks/results/NAME.json]
+    python benchmarks/bench_hot_path.py [--rounds 15] [--quick] [--out benchmarks/results/NAME.json]
 
 Writes a JSON (every round's figures and the medians) and prints a markdown table.
 """
@@ -124,6 +127,12 @@ def gpt2_case():
     return model, torch.randint(0, 1024, (1, 32)), [f"h.{i}" for i in range(12)], -1, 2
 
 
+def gpt2_one_thread_case():
+    """The GPT-2 case with one intra-op thread: a core left free for the collector."""
+    model, x, layers, channel_dim, _ = gpt2_case()
+    return model, x, layers, channel_dim, 1
+
+
 def resnet50_case():
     import torchvision
 
@@ -134,8 +143,9 @@ def resnet50_case():
 
 CASES = {
     # name: (builder, reduce modes, methods, forwards per round)
-    "mlp": (mlp_case, ("full", "mean"), ("plain", "python_hook", "fastcap", "fastcap_collect_false"), 400),
-    "gpt2": (gpt2_case, ("full",), ("plain", "python_hook", "fastcap", "fastcap_collect_false"), 60),
+    "mlp": (mlp_case, ("full", "mean"), ("plain", "python_hook", "fastcap", "fastcap_collect_false"), 200),
+    "gpt2": (gpt2_case, ("full",), ("plain", "python_hook", "fastcap", "fastcap_collect_false"), 30),
+    "gpt2_1thread": (gpt2_one_thread_case, ("full",), ("plain", "python_hook", "fastcap", "fastcap_collect_false"), 30),
     "resnet50": (resnet50_case, ("mean",), ("plain", "python_hook", "fastcap"), 3),
 }
 
@@ -166,9 +176,14 @@ def run_case(name: str, rounds: int, quick: bool) -> dict:
             for m in order:
                 times[m].append(time_method(METHODS[m](model, layers, mode, channel_dim), x, forwards))
         med = {m: statistics.median(t) for m, t in times.items()}
+        # Paired within a round (the machine's speed drifts between rounds): the median over
+        # rounds of each round's ratio and added time.
+        plain = times["plain"]
         entry = {"seconds_per_forward": med, "rounds": times,
-                 "ratio_to_plain": {m: med[m] / med["plain"] for m in methods}}
-        entry["added_us_per_hook"] = {m: (med[m] - med["plain"]) / len(layers) * 1e6 for m in methods if m != "plain"}
+                 "ratio_to_plain": {m: statistics.median(t / p for t, p in zip(times[m], plain)) for m in methods}}
+        entry["added_us_per_hook"] = {
+            m: statistics.median((t - p) / len(layers) * 1e6 for t, p in zip(times[m], plain))
+            for m in methods if m != "plain"}
         result["modes"][mode] = entry
     return result
 
@@ -186,7 +201,7 @@ def table(results: list[dict]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--cases", default=",".join(CASES))
     parser.add_argument("--quick", action="store_true", help="a tenth of the forwards, 2 rounds: a smoke run")
     parser.add_argument("--out", default=None, help="write the JSON here")

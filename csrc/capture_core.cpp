@@ -159,11 +159,18 @@ bool Core::enter_model() {
 }
 
 bool Core::exit_model() {
-  std::lock_guard<std::mutex> lock(mutex_);
-  ThreadState& ts = thread_locked();
-  ts.depth = std::max(ts.depth - 1, 0);
-  if (ts.depth != 0 || !ts.open) return false;
-  finish_locked(ts);
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    ThreadState& ts = thread_locked();
+    ts.depth = std::max(ts.depth - 1, 0);
+    if (ts.depth != 0 || !ts.open) return false;
+    steps_.push_back(std::move(ts.open));
+    ts.open.reset();
+    steps_finished_ += 1;
+  }
+  // Woken after the lock is given up: a collector woken under it would only block on it,
+  // and on a busy machine take the forward's core meanwhile.
+  changed_.notify_all();
   return true;
 }
 

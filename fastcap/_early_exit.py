@@ -4,7 +4,8 @@ layer has run, and the check that nothing captured is dropped by ending it there
 The stop point is learned from a forward that runs to its end: pre-hooks on every submodule see
 which module call came first after the last call of a captured layer (the *stop point*: the
 module and which of its calls, e.g. block 5 after captured block 4). ``extract`` runs that
-learning forward on a one-sample slice of the first batch, with the capture's hooks only
+learning forward on a one-sample slice of the first batch (its first few tokens, for a
+language model's batch), with the capture's hooks only
 counting (nothing is stored), so that the model's tail (an LM head's ``[batch, T, vocab]``
 logits) never runs at full batch; where the slice cannot run (a forward that needs the whole
 batch), the first real forward learns instead and runs to its end. Every later forward ends at

@@ -35,15 +35,36 @@ def batch_size(batch) -> int:
     raise TypeError(f"cannot tell the batch size of a {type(batch).__name__} batch: it holds no tensor")
 
 
+#: tokens of early exit's learning forward on a language-model batch
+LEARNING_TOKENS = 8
+
+
 def first_sample(batch, size: int):
     """The batch cut to its first sample: every tensor whose dim 0 is the batch's ``size``
-    sliced to ``[:1]`` (a view), in the same structure; anything else as it is."""
+    sliced to ``[:1]`` (a view), in the same structure; anything else as it is. A
+    language-model batch (a mapping with 2-D ``input_ids`` ``[size, T]``) is also cut to its first
+    ``LEARNING_TOKENS`` tokens: every tensor ``[size, T, ...]`` to ``[:1, :LEARNING_TOKENS]``.
+
+    Example:
+        >>> first_sample({"input_ids": torch.zeros(4, 16, dtype=torch.long)}, 4)["input_ids"].shape
+        torch.Size([1, 8])
+    """
+    ids = batch.get("input_ids") if isinstance(batch, Mapping) else None
+    length = ids.shape[1] if isinstance(ids, torch.Tensor) and ids.dim() == 2 and ids.shape[0] == size else None
+    return _cut(batch, size, length)
+
+
+def _cut(batch, size: int, length):
     if isinstance(batch, torch.Tensor):
-        return batch[:1] if batch.dim() and batch.shape[0] == size else batch
+        if not batch.dim() or batch.shape[0] != size:
+            return batch
+        if length is not None and batch.dim() >= 2 and batch.shape[1] == length:
+            return batch[:1, :LEARNING_TOKENS]
+        return batch[:1]
     if isinstance(batch, Mapping):
-        return {key: first_sample(value, size) for key, value in batch.items()}
+        return {key: _cut(value, size, length) for key, value in batch.items()}
     if isinstance(batch, (tuple, list)):
-        cut = [first_sample(value, size) for value in batch]
+        cut = [_cut(value, size, length) for value in batch]
         return type(batch)(*cut) if hasattr(batch, "_fields") else type(batch)(cut)
     return batch
 

@@ -275,10 +275,10 @@ def _forward_all(model, cap, batches, writer: "ShardWriter", device, forward, ba
             before = cap.steps_finished
             batch = to_device(batch, device)
             tokens.append(_input_tokens(batch))
-            if number == 0 and size > 1:
-                # Early exit learns where to stop on one sample, stored nowhere: the model's tail
-                # (an LM head's logits) never runs at full batch.
-                one = first_sample(batch, size)
+            one = first_sample(batch, size) if number == 0 else None
+            if one is not None and (size > 1 or one is not batch):
+                # Early exit learns where to stop on one sample (of a few tokens), stored nowhere:
+                # the model's tail (an LM head's logits) never runs at full batch.
                 cap._learn_stop_point(lambda: forward(model, one))
             try:
                 forward(model, batch)

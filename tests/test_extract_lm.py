@@ -12,6 +12,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 import fastcap
+from fastcap._sources import LEARNING_TOKENS
 from fastcap.extract import extract_with_stats
 from fastcap.store import _writer
 from test_extract import _files, _one_thread, worker  # noqa: F401 (_one_thread: autouse)
@@ -104,16 +105,17 @@ class BigHeadLM(torch.nn.Module):
 
 def test_early_exit_never_runs_the_head_at_full_batch(tmp_path):
     """The learning forward used to be the first batch's, to the end: the head's full-batch
-    logits then set the extraction's peak memory. Now the head allocates one sample's."""
+    logits then set the extraction's peak memory. Now the head allocates one sample's, of a
+    few tokens."""
     torch.manual_seed(0)
     model = BigHeadLM().eval()
     data = DataLoader(texts(48, 64), batch_size=16)
     early = fastcap.extract(model, data, "block", "tokens", out=tmp_path / "early", tokens=fastcap.Tokens())
-    one_sample = 64 * BigHeadLM.VOCAB * 4
-    assert model.logits_bytes == [one_sample]  # 78 MiB at full batch
+    # One sample, its first LEARNING_TOKENS tokens: 0.6 MiB, where a full batch takes 78 MiB.
+    assert model.logits_bytes == [LEARNING_TOKENS * BigHeadLM.VOCAB * 4]
     full = fastcap.extract(model, data, "block", "tokens", out=tmp_path / "full", tokens=fastcap.Tokens(),
                            stop_early=False)
-    assert model.logits_bytes[1:] == [16 * one_sample] * 3
+    assert model.logits_bytes[1:] == [16 * 64 * BigHeadLM.VOCAB * 4] * 3
     assert np.array_equal(early["block"][:], full["block"][:])
 
 

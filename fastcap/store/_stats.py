@@ -16,8 +16,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-# Rows converted to float64 at a time: bounds the memory of the pass over a shard.
-_CHUNK_ROWS = 8192
+# Bytes of float64 rows converted at a time: bounds the memory of the pass over a shard (the
+# two-pass formula makes a few temporaries of the chunk's size).
+_CHUNK_BYTES = 4 << 20
 
 
 @dataclass(frozen=True)
@@ -97,13 +98,11 @@ class Moments:
 def shard_moments(path, torch_dtype: str, keep: np.ndarray | None) -> Moments | None:
     """The moments of the rows of one shard's ``.npy`` file (only rows where ``keep`` is True,
     when given), read in chunks; None when no row counts."""
-    data = np.load(path, mmap_mode="c")  # writable views: torch.from_numpy wants them
     dtype = getattr(torch, torch_dtype)
     total = None
-    for start in range(0, data.shape[0], _CHUNK_ROWS):
-        chunk = np.ascontiguousarray(data[start:start + _CHUNK_ROWS])
+    for start, chunk in _chunks(path):
         if keep is not None:
-            chunk = chunk[keep[start:start + _CHUNK_ROWS]]
+            chunk = chunk[keep[start:start + len(chunk)]]
         if not len(chunk):
             continue
         rows = torch.from_numpy(chunk)
@@ -111,6 +110,29 @@ def shard_moments(path, torch_dtype: str, keep: np.ndarray | None) -> Moments | 
             rows = rows.view(dtype)
         total = combine(total, Moments.of_rows(rows.to(torch.float64)))
     return total
+
+
+def _chunks(path):
+    """``(first row, rows)`` of an ``.npy`` file, ``_CHUNK_BYTES`` of float64 at a time, read
+    into memory of their own: a memory map would leave every page it touched in the process's resident set
+    (the whole shard, by the end of the pass)."""
+    with open(path, "rb") as f:
+        version = np.lib.format.read_magic(f)
+        read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                       else np.lib.format.read_array_header_2_0)
+        shape, fortran, dtype = read_header(f)
+        if fortran:
+            raise ValueError(f"{path}: a Fortran-ordered array; fastcap writes C order")
+        row_shape = shape[1:]
+        row_values = int(np.prod(row_shape, dtype=np.int64))
+        row_bytes = row_values * dtype.itemsize
+        step = max(1, _CHUNK_BYTES // max(8 * row_values, 1))
+        for start in range(0, shape[0], step):
+            count = min(step, shape[0] - start)
+            chunk = np.empty((count, *row_shape), dtype)
+            if row_bytes and f.readinto(memoryview(chunk).cast("B")) != count * row_bytes:
+                raise ValueError(f"{path}: shorter than its header says ({shape[0]} rows)")
+            yield start, chunk
 
 
 def combine(total: "Moments | None", part: "Moments | None") -> "Moments | None":
