@@ -335,15 +335,19 @@ def test_consumer_thread_with_backpressure():
     got, done = [], threading.Event()
     cap = fastcap.capture(model, "0", depth=2, collect=False)
 
+    known = threading.Event()
+
     def consume():
         while not done.is_set() or len(got) < len(xs):
             for step in cap.drain():
                 got.append(step["0"])
+            known.set()  # a consumer the capture knows of: a full ring waits for it
             threading.Event().wait(0.002)
 
     with cap:
         t = threading.Thread(target=consume)
         t.start()
+        assert known.wait(30)  # on a busy machine the thread may start late
         for x in xs:
             model(x)
         done.set()

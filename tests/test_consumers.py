@@ -29,10 +29,12 @@ def run_with_consumer(model, xs, depth, hold):
     whatever the machine's speed (it waits for that state, not for a time)."""
     got, errors = [], []
     cap = fastcap.capture(model, ["0", "2", "4"], depth=depth, collect=False)
+    known = threading.Event()
 
     def consume():
         try:
             got.extend(cap.drain())  # nothing has finished yet: this only makes it known
+            known.set()
             deadline = time.monotonic() + 60
             while hold and cap.stats()["forwards_waiting"] == 0 and time.monotonic() < deadline:
                 time.sleep(0.001)
@@ -42,10 +44,14 @@ def run_with_consumer(model, xs, depth, hold):
                     return
         except Exception as exc:  # surfaced below
             errors.append(exc)
+            known.set()
 
     with torch.no_grad(), cap:
         consumer = threading.Thread(target=consume, name="test-consumer")
         consumer.start()
+        # The first forward waits for that first drain: on a busy machine it could otherwise
+        # run late, take finished steps, and leave no forward ever waiting for a slot.
+        assert known.wait(60)
         for x in xs:
             model(x)
         consumer.join(60)
