@@ -725,6 +725,19 @@ bool Core::wait_collected(double timeout_s) {
   });
 }
 
+namespace {
+// The counters a ring accumulates over its life (not what it holds now): closed rings' are
+// kept in closed_totals_, so that a capture's totals survive close_rings().
+void add_cumulative(RingStats& total, const RingStats& s) {
+  total.bytes_captured += s.bytes_captured;
+  total.resizes += s.resizes;
+  total.commits += s.commits;
+  total.d2h_bytes += s.d2h_bytes;
+  total.d2h_seconds += s.d2h_seconds;
+  total.stall_seconds += s.stall_seconds;
+}
+}  // namespace
+
 void Core::close_rings() {
   if (collector_.joinable()) {
     {
@@ -747,12 +760,7 @@ void Core::close_rings() {
     const RingStats s = ring->stats();
     ring->close();
     std::lock_guard<std::mutex> lock(mutex_);
-    closed_totals_.bytes_captured += s.bytes_captured;
-    closed_totals_.resizes += s.resizes;
-    closed_totals_.commits += s.commits;
-    closed_totals_.d2h_bytes += s.d2h_bytes;
-    closed_totals_.d2h_seconds += s.d2h_seconds;
-    closed_totals_.stall_seconds += s.stall_seconds;
+    add_cumulative(closed_totals_, s);
   }
 }
 
@@ -772,12 +780,7 @@ RingStats Core::ring_totals(RingStats* live) const {
   RingStats now;
   for (const auto& ring : rings) {
     const RingStats s = ring->stats();
-    total.bytes_captured += s.bytes_captured;
-    total.resizes += s.resizes;
-    total.commits += s.commits;
-    total.d2h_bytes += s.d2h_bytes;
-    total.d2h_seconds += s.d2h_seconds;
-    total.stall_seconds += s.stall_seconds;
+    add_cumulative(total, s);
     now.slots += s.slots;
     now.host_bytes += s.host_bytes;
     now.pinned_bytes += s.pinned_bytes;
