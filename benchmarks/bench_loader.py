@@ -7,9 +7,10 @@ Builds a token store with ``fastcap.extract`` (an embedding layer as ``reduce="t
 rows of 128 tokens, width 512, float32, 8 shards: 128 MiB), then times passes over every row
 (epochs), each of these ways once per round:
 
-- ``loader``: ``store.loader(batch_size=4096, shuffle=True)`` kept across epochs (``set_epoch``);
+- ``loader``: ``store.loader(batch_size=4096, shuffle=True)`` kept across epochs (``set_epoch``):
+  its default deals runs of 64 contiguous 2 KiB rows (128 KiB);
 - ``loader_new``: a new loader each epoch, made inside the timing;
-- ``loader_window``: the same with ``window=batch_size`` (each batch 16 runs of 256 rows);
+- ``loader_run1``: the same with ``run=1``: single rows dealt, scattered over the window;
 - ``loader_threads``: ``num_workers=2`` (two reading threads);
 - ``raw_chunks``: ``np.load(mmap_mode="r")`` of each shard, 4096-row chunks in a random order,
   each copied out with ``np.array`` (a sequential read);
@@ -55,7 +56,7 @@ QUICK = {"samples": 64, "context": 128, "width": 256, "shard_size": 16, "rounds"
 LABELS = {
     "loader": "fastcap `store.loader`, kept across epochs (`set_epoch`)",
     "loader_new": "fastcap `store.loader`, a new loader per epoch",
-    "loader_window": "fastcap `store.loader(window=4096)`: 16 runs of 256 rows per batch",
+    "loader_run1": "fastcap `store.loader(run=1)`: single scattered rows",
     "loader_threads": "fastcap `store.loader(num_workers=2)`: two reading threads",
     "raw_chunks": "raw `np.load(mmap_mode=\"r\")`, permuted 4096-row chunks",
     "raw_rows": "raw memmap, random rows (the loader's pattern, by hand)",
@@ -161,7 +162,7 @@ def run(cfg: dict, out: str) -> dict:
     source = np.concatenate(maps)
     batches = [np.zeros((BATCH, *store["x"].row_shape), store["x"].dtype) for _ in range(2)]
     kept = store.loader("x", batch_size=BATCH, shuffle=True)
-    window = store.loader("x", batch_size=BATCH, shuffle=True, window=BATCH)
+    single = store.loader("x", batch_size=BATCH, shuffle=True, run=1)
     threads = store.loader("x", batch_size=BATCH, shuffle=True, num_workers=2)
     count = [0]
 
@@ -173,7 +174,7 @@ def run(cfg: dict, out: str) -> dict:
     ways = {
         "loader": lambda: epoch(with_epoch(kept)),
         "loader_new": lambda: epoch(store.loader("x", batch_size=BATCH, shuffle=True, seed=count[0] + 1)),
-        "loader_window": lambda: epoch(with_epoch(window)),
+        "loader_run1": lambda: epoch(with_epoch(single)),
         "loader_threads": lambda: epoch(with_epoch(threads)),
         "raw_chunks": lambda: epoch(raw_chunks(maps, rng)),
         "raw_rows": lambda: epoch(raw_rows(maps, rng)),
@@ -212,7 +213,8 @@ def run(cfg: dict, out: str) -> dict:
              for kind, runs in fresh.items()}
     return {
         "environment": bench.environment(),
-        "config": cfg | {"batch_size": BATCH, "rows": store["x"].shape[0], "row_bytes": nbytes // store["x"].shape[0],
+        "config": cfg | {"batch_size": BATCH, "run": kept.run, "rows": store["x"].shape[0],
+                         "row_bytes": nbytes // store["x"].shape[0],
                          "bytes": nbytes, "shards": len(maps), "dtype": str(store["x"].dtype)},
         "gbps": gbps,
         "median_gbps": {name: statistics.median(values) for name, values in gbps.items()},
@@ -235,7 +237,8 @@ def markdown(result: dict) -> str:
         f"Command: `{env['command']}`",
         "",
         f"Store: {cfg['rows']} token rows of {cfg['row_bytes']} bytes ({cfg['dtype']}), {cfg['bytes'] / 2**20:.0f} MiB "
-        f"in {cfg['shards']} shards, in the page cache; batch {cfg['batch_size']}, shuffled. One epoch reads every "
+        f"in {cfg['shards']} shards, in the page cache; batch {cfg['batch_size']}, shuffled (the loader's default "
+        f"run: {cfg['run']} rows). One epoch reads every "
         f"row once; {cfg['rounds']} interleaved rounds of {cfg['epochs']} epoch(s) each way, in a random order "
         "per round, caches flushed before each. "
         "GB/s: median over rounds; ratios: median of the ratios paired within a round.",

@@ -34,6 +34,10 @@ TORCH_LIBRARY(fastcap, m) {
   m.def(
       "tokens_topk_into(Tensor src, Tensor keep, int token_dim, int k, Tensor(a!) values, "
       "Tensor(b!) indices, Tensor(c!) count) -> ()");
+
+  // store.loader's read (CPU only): out[i] = src[shard[i]][rows[i]], rows of bytes; each src
+  // uint8 [R_s, B] (a shard's memory map), shard and rows int64 [n], out uint8 [n, B].
+  m.def("gather_rows(Tensor[] src, Tensor shard, Tensor rows, Tensor(a!) out) -> ()");
 }
 
 namespace ops {

@@ -120,6 +120,24 @@ def tokens_topk_into(src: torch.Tensor, keep: torch.Tensor, token_dim: int, k: i
     _ops.tokens_topk_into(src, keep, token_dim, k, values, indices, count)
 
 
+def gather_rows(src: list[torch.Tensor], shard: torch.Tensor, rows: torch.Tensor, out: torch.Tensor) -> None:
+    """``out[i] = src[shard[i]][rows[i]]`` on CPU, whole rows of bytes: each ``src`` uint8
+    ``[R_s, B]`` (a shard's rows), ``shard`` and ``rows`` int64 ``[n]``, ``out`` uint8
+    ``[n, B]``, all contiguous. The read of :meth:`Store.loader`, one call per batch: the batch
+    is written with streaming stores, and the rows after a jump prefetched, so scattered rows
+    read near the speed of a sequential copy. An index outside ``src`` is an IndexError naming
+    it (``out`` untouched). Releases the GIL.
+
+    Example::
+
+        a, b = torch.arange(12, dtype=torch.uint8).view(4, 3), torch.zeros(2, 3, dtype=torch.uint8)
+        out = torch.empty(3, 3, dtype=torch.uint8)
+        fastcap._ops.gather_rows([a, b], torch.tensor([0, 1, 0]), torch.tensor([3, 0, 1]), out)
+        # out == [a[3], b[0], a[1]]
+    """
+    _ops.gather_rows(src, shard, rows, out)
+
+
 @torch.library.register_fake("fastcap::copy_into")
 def _copy_into_fake(src, dst) -> None:
     torch._check(src.shape == dst.shape, lambda: f"dst shape {dst.shape} != src shape {src.shape}")
@@ -177,6 +195,12 @@ def _pool_tokens_into_fake(src, keep, token_dim, reduce, dst) -> None:
                  lambda: f"dst must have shape [{n}, {c}], got {list(dst.shape)}")
     want = torch.float32 if reduce == "mean" else src.dtype
     torch._check(dst.dtype == want, lambda: f"dst must be {want}, got {dst.dtype}")
+
+
+@torch.library.register_fake("fastcap::gather_rows")
+def _gather_rows_fake(src, shard, rows, out) -> None:
+    torch._check(out.dim() == 2 and out.shape[0] == rows.shape[0] == shard.shape[0],
+                 lambda: f"out must have one row per index, got {list(out.shape)} for {rows.shape[0]} rows")
 
 
 @torch.library.register_fake("fastcap::tokens_topk_into")

@@ -168,24 +168,50 @@ def test_interleaved_store_with_workers_and_ranks(two_ranks):
     assert torch.equal(torch.cat([b["rows"] for b in unshuffled]), store["rows"].tensor())
 
 
-@pytest.mark.parametrize("run_bytes", [1, 10**12], ids=["runs-as-slices", "gathers-per-shard"])
-def test_slices_and_gathers_read_the_same_rows(tokens, two_ranks, monkeypatch, run_bytes):
-    """Both ways to copy a batch (contiguous runs as slices, else a gather per shard), on a
-    store in file order and on one whose ranks' samples alternate."""
-    monkeypatch.setattr(loader_module, "_RUN_BYTES", run_bytes)
+@pytest.mark.parametrize("run", [1, 3, 8, 40])
+def test_runs_of_any_length_read_the_right_rows_once(tokens, two_ranks, run):
+    """Rows dealt in runs (single rows, runs that do not divide the batch or the window, a run
+    of a whole batch, a run longer than the window), on a store in file order and on one whose
+    ranks' samples alternate: every row once, each the store's row at its origin."""
     for store in (tokens, two_ranks[0]):
         for shuffle in (True, False):
-            batches = list(store.loader("rows", batch_size=8, window=16, with_index=True, shuffle=shuffle))
-            _once_each(_origins(batches), store)
-            _assert_rows_match_store(store, batches, "rows")
+            for epoch in (0, 1):
+                data = store.loader("rows", batch_size=8, window=20, run=run, with_index=True, shuffle=shuffle)
+                data.set_epoch(epoch)
+                batches = list(data)
+                _once_each(_origins(batches), store)
+                _assert_rows_match_store(store, batches, "rows")
 
 
-@pytest.mark.parametrize("run_bytes", [1, 10**12], ids=["runs-as-slices", "gathers-per-shard"])
-def test_batches_cut_into_parts_for_copying_threads_are_the_same(tokens, two_ranks, monkeypatch, run_bytes):
+def _next_row_too(batches) -> float:
+    """The share of a batch's positions whose next position is in the same batch."""
+    import numpy as np
+    return sum(np.isin(p + 1, p).sum() for p in batches) / sum(len(p) for p in batches)
+
+
+def test_runs_read_consecutive_rows_and_single_rows_scatter(tokens):
+    """With run=4 most of a batch's positions come with the next one (runs of 4, cut where a
+    chunk ends); with run=1 few do (the next one is in the same batch of 8 by chance: 7 of 63)."""
+    runs = list(tokens.loader("rows", batch_size=8, window=64, run=4)._positions(0, 1, 0))
+    single = list(tokens.loader("rows", batch_size=8, window=64, run=1)._positions(0, 1, 0))
+    assert _next_row_too(runs) > 0.6 and _next_row_too(single) < 0.25
+
+
+def test_the_default_run_holds_128_kib_and_lets_a_batch_mix_16_runs(tokens, images):
+    """run's default: rows for 128 KiB of all the keys' bytes, at most batch_size // 16, at least 1."""
+    row_bytes = tokens["rows"].dtype.itemsize * tokens["rows"].shape[1]
+    assert tokens.loader("rows", batch_size=2**20).run == -(-(128 << 10) // row_bytes)
+    assert tokens.loader("rows", batch_size=64).run == 4
+    assert tokens.loader("rows", batch_size=8).run == 1
+    both = 8 * 8 * 8 * 2 + 16 * 4  # "0": [8, 8, 8] bfloat16, "3": [16] float32
+    assert images.loader(["0", "3"], batch_size=2**20).run == -(-(128 << 10) // both)
+
+
+@pytest.mark.parametrize("run", [1, 4])
+def test_batches_cut_into_parts_for_copying_threads_are_the_same(tokens, two_ranks, monkeypatch, run):
     """A batch cut into parts that helper threads copy beside the consumer's thread holds what
-    one thread copies (both ways to copy, both stores, shuffled or not); reading threads copy
-    whole batches; an error in a part reaches the consumer."""
-    monkeypatch.setattr(loader_module, "_RUN_BYTES", run_bytes)
+    one thread copies (single rows and runs, both stores, shuffled or not); reading threads
+    copy whole batches; an error in a part reaches the consumer."""
     copied_by = collections.Counter()
     copy = loader_module.RowLoader._copy
 
@@ -196,7 +222,7 @@ def test_batches_cut_into_parts_for_copying_threads_are_the_same(tokens, two_ran
     monkeypatch.setattr(loader_module.RowLoader, "_copy", counted)
     for store in (tokens, two_ranks[0]):
         for shuffle in (True, False):
-            kwargs = {"batch_size": 8, "window": 16, "with_index": True, "shuffle": shuffle}
+            kwargs = {"batch_size": 8, "window": 16, "run": run, "with_index": True, "shuffle": shuffle}
             whole = [{k: v.clone() for k, v in batch.items()} for batch in store.loader("rows", **kwargs)]
             with monkeypatch.context() as split:
                 split.setattr(loader_module, "_PART_BYTES", 1)
@@ -214,10 +240,10 @@ def test_batches_cut_into_parts_for_copying_threads_are_the_same(tokens, two_ran
         _once_each(_origins(tokens.loader("rows", batch_size=8, with_index=True, num_workers=2)), tokens)
     assert copied_by[True] == 0 and copied_by[False] == 12
 
-    def fail(self, pieces, fill, slices, lo, hi):
+    def fail(self, where, fill, lo, hi):
         if threading.current_thread().name.startswith("fastcap-copy"):
             raise OSError("a part went away")
-        return copy(self, pieces, fill, slices, lo, hi)
+        return copy(self, where, fill, lo, hi)
 
     monkeypatch.setattr(loader_module.RowLoader, "_copy", fail)
     monkeypatch.setattr(loader_module, "_PART_BYTES", 1)
@@ -280,6 +306,20 @@ def test_a_training_loop_reuses_the_same_batch_memory(tokens, num_workers):
             pointers.add(batch["rows"].data_ptr())
             _assert_rows_match_store(tokens, [batch], "rows")
     assert len(pointers) == 2 if num_workers == 0 else len(pointers) <= loader_module._POOL + 3 * num_workers
+
+
+def test_a_new_loader_per_epoch_reuses_the_stores_batch_memory(tokens):
+    """Loaders of one store with the same batch size and keys share its batch memory: a new
+    loader each epoch allocates none after the first (a loader of another batch size has its
+    own)."""
+    pointers = set()
+    for epoch in range(3):
+        for batch in tokens.loader("rows", batch_size=8, window=16, with_index=True, seed=epoch):
+            pointers.add(batch["rows"].data_ptr())
+            _assert_rows_match_store(tokens, [batch], "rows")
+    assert len(pointers) == 2
+    other = {batch["rows"].data_ptr() for batch in tokens.loader("rows", batch_size=5, with_index=True)}
+    assert not other & pointers
 
 
 def test_held_batches_views_and_arrays_stay_valid(tokens):
@@ -367,7 +407,17 @@ def _reference_positions(data, worker: int, workers: int, epoch: int):
     window, size = [], data.batch_size
 
     def deal(final):
-        order = rng.permutation(len(window)) if data.shuffle and len(window) > size else np.arange(len(window))
+        order = np.arange(len(window))
+        if data.shuffle and len(window) > size and data.run == 1:
+            order = rng.permutation(len(window))
+        elif data.shuffle and len(window) > size:  # runs of data.run consecutive positions, shuffled
+            runs = []
+            for place, position in enumerate(window):
+                if runs and len(runs[-1]) < data.run and window[place - 1] + 1 == position:
+                    runs[-1].append(place)
+                else:
+                    runs.append([place])
+            order = np.concatenate([runs[i] for i in rng.permutation(len(runs))])
         full = len(window) if final else len(window) // size * size
         dealt = [np.asarray(window)[order[first:min(first + size, full)]] for first in range(0, full, size)]
         return [np.sort(p) if data.shuffle else p for p in dealt], list(np.asarray(window)[order[full:]])
@@ -381,15 +431,18 @@ def _reference_positions(data, worker: int, workers: int, epoch: int):
     yield from deal(True)[0]
 
 
-@pytest.mark.parametrize("batch_size, window", [(8, 16), (8, 20), (5, 64), (8, 8), (3, 1000), (8, None)])
-def test_batches_are_the_dealt_positions_sorted(tokens, two_ranks, batch_size, window):
-    """Sorting each window at once gives each batch exactly the positions a permutation per
-    window deals it, in ascending order, as a sort per batch did (windows that are a multiple
-    of the batch or not, one batch, a window beyond the rows; ranks, workers, epochs)."""
+@pytest.mark.parametrize("batch_size, window, run", [(8, 16, 1), (8, 20, 1), (5, 64, 1), (8, 8, 1), (3, 1000, 1),
+                                                     (8, None, 1), (8, 20, 3), (5, 64, 4), (8, 16, 16)])
+def test_batches_are_the_dealt_positions_sorted(tokens, two_ranks, batch_size, window, run):
+    """Sorting each window at once gives each batch exactly the positions a permutation of the
+    window's runs deals it, in ascending order, as a sort per batch did (windows that are a
+    multiple of the batch or not, one batch, a window beyond the rows, runs that divide the
+    window or not; ranks, workers, epochs)."""
     import numpy as np
     for store in (tokens, two_ranks[0]):
         for rank, world_size, workers in ((0, 1, 1), (1, 2, 1), (0, 1, 3)):
-            data = store.loader("rows", batch_size=batch_size, window=window, rank=rank, world_size=world_size)
+            data = store.loader("rows", batch_size=batch_size, window=window, run=run, rank=rank,
+                                world_size=world_size)
             for epoch in (0, 1):
                 for worker in range(workers):
                     got = list(data._positions(worker, workers, epoch))
@@ -423,6 +476,8 @@ def test_mixing_token_and_sample_keys_is_an_error(tokens):
     ({"batch_size": 0}, "batch_size must be an integer >= 1, got 0"),
     ({"batch_size": 2.5}, "batch_size must be an integer >= 1, got 2.5"),
     ({"window": 4, "batch_size": 8}, r"window must be an integer >= batch_size=8 .*got 4"),
+    ({"run": 0}, "run must be an integer >= 1, got 0"),
+    ({"run": True}, "run must be an integer >= 1, got True"),
     ({"num_workers": -1}, "num_workers must be an integer >= 0, got -1"),
     ({"seed": -1}, "seed must be an integer >= 0, got -1"),
     ({"rank": 2, "world_size": 2}, r"rank must be an integer in \[0, world_size=2\), got 2"),
@@ -431,7 +486,7 @@ def test_mixing_token_and_sample_keys_is_an_error(tokens):
     ({"rank": 1}, "pass rank= and world_size= together, got rank=1, world_size=None"),
     ({"keys": []}, "keys must be a key or a non-empty list of keys, got"),
     ({"keys": ["rows", "rows"]}, "names a key twice"),
-], ids=["batch0", "batch-float", "window", "workers", "seed", "rank-high", "rank-negative", "world0", "rank-alone",
+], ids=["batch0", "batch-float", "window", "run0", "run-bool", "workers", "seed", "rank-high", "rank-negative", "world0", "rank-alone",
         "no-keys", "twice"])
 def test_bad_arguments(tokens, kwargs, match):
     kwargs = {"keys": "rows"} | kwargs

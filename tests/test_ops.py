@@ -140,3 +140,56 @@ def test_opcheck(device):
     ]
     for op, args in samples:
         torch.library.opcheck(op, args)
+
+
+@pytest.mark.parametrize("width", [1, 15, 16, 64, 100, 2048, 2051])
+def test_gather_rows_matches_indexing(width):
+    """gather_rows against indexing each shard: widths below, at and across the 16- and 64-byte
+    steps of its streaming copy, out rows starting off a 16-byte boundary, shards of different
+    lengths (one empty), repeated, descending and consecutive rows (a prefetch after each jump
+    only), a run that crosses from one shard to the next."""
+    torch.manual_seed(0)
+    src = [torch.randint(0, 256, (rows, width), dtype=torch.uint8) for rows in (300, 7, 0, 50)]
+    shard = torch.cat([torch.zeros(40, dtype=torch.long), torch.ones(7, dtype=torch.long), torch.full((30,), 3),
+                       torch.randint(0, 2, (20,)) * 3])
+    rows = torch.cat([torch.randint(0, 300, (40,)), torch.arange(7), torch.arange(20, 50), torch.zeros(20, dtype=torch.long)])
+    rows[-20:] = torch.where(shard[-20:] == 0, torch.randint(0, 300, (20,)), torch.randint(0, 50, (20,)))
+    want = torch.stack([src[s][r] for s, r in zip(shard.tolist(), rows.tolist())])
+    out = torch.zeros(len(rows), width, dtype=torch.uint8)
+    _ops.gather_rows(src, shard, rows, out)
+    assert torch.equal(out, want)
+    odd = torch.zeros(len(rows) * width + 3, dtype=torch.uint8)[3:].view(len(rows), width)  # off 16-byte alignment
+    _ops.gather_rows(src, shard, rows, odd)
+    assert torch.equal(odd, want)
+    none = torch.empty(0, dtype=torch.long)
+    _ops.gather_rows(src, none, none, torch.empty(0, width, dtype=torch.uint8))
+
+
+def test_gather_rows_errors_name_the_argument_and_leave_out_untouched():
+    src, out = [torch.zeros(10, 4, dtype=torch.uint8), torch.zeros(2, 4, dtype=torch.uint8)], torch.full((3, 4), 7, dtype=torch.uint8)
+    zeros = torch.zeros(3, dtype=torch.long)
+    with pytest.raises(IndexError, match=r"rows\[2\] = 2 is outside src\[1\]'s 2 rows"):
+        _ops.gather_rows(src, torch.tensor([0, 0, 1]), torch.tensor([0, 9, 2]), out)
+    assert (out == 7).all()
+    with pytest.raises(IndexError, match=r"rows\[0\] = -1"):
+        _ops.gather_rows(src, zeros, torch.tensor([-1, 1, 2]), out)
+    with pytest.raises(IndexError, match=r"shard\[1\] = 2 is outside src's 2 tensors"):
+        _ops.gather_rows(src, torch.tensor([0, 2, 0]), zeros, out)
+    assert (out == 7).all()
+    with pytest.raises(ValueError, match=r"src\[1\] has rows of 5 bytes, out of 4"):
+        _ops.gather_rows([src[0], torch.zeros(2, 5, dtype=torch.uint8)], zeros, zeros, out)
+    with pytest.raises(ValueError, match=r"src\[0\] must be a contiguous uint8 \[rows, row_bytes\] CPU tensor, got Float"):
+        _ops.gather_rows([torch.zeros(10, 4)], zeros, zeros, out)
+    with pytest.raises(ValueError, match=r"rows must be a contiguous int64 \[3\] CPU tensor \(out's rows\), got Int"):
+        _ops.gather_rows(src, zeros, zeros.int(), out)
+    with pytest.raises(ValueError, match=r"shard must be a contiguous int64 \[3\] CPU tensor \(out's rows\), got Long \[2\]"):
+        _ops.gather_rows(src, zeros[:2], zeros, out)
+    with pytest.raises(ValueError, match=r"src must hold at least one tensor"):
+        _ops.gather_rows([], zeros, zeros, out)
+
+
+def test_gather_rows_opcheck():
+    src = [torch.randint(0, 256, (20, 24), dtype=torch.uint8), torch.randint(0, 256, (5, 24), dtype=torch.uint8)]
+    torch.library.opcheck(torch.ops.fastcap.gather_rows.default,
+                          (src, torch.tensor([0, 0, 1, 1, 0]), torch.tensor([3, 4, 0, 4, 19]),
+                           torch.empty(5, 24, dtype=torch.uint8)))

@@ -6,12 +6,18 @@ permutation seeded by ``(seed, epoch)`` orders the chunks, the same on every ran
 concatenated rows are split into one contiguous range per rank, whose batch-sized pieces are
 dealt round-robin to the workers (threads, or the processes of a DataLoader), as a DataLoader
 collects them. Each worker takes its pieces in order, a ``window`` of rows at a time, and deals
-the window's rows to batches at random; every row comes exactly once per epoch. Only row
-positions are shuffled: each batch is then copied once, from the memory maps straight into the
-batch's own memory, its rows in file order (a slice per run of contiguous rows, or a gather per
-shard), outside the GIL: split over ``torch.get_num_threads()`` threads in the consumer's
-thread (see :func:`_copy_threads`), on one core in each reading thread. Where that memory comes
-from, and how long a batch stays valid, is :class:`_Batches`'s business.
+the window's rows to batches at random, in runs of ``run`` contiguous rows; every row comes
+exactly once per epoch. Only row positions are shuffled: each batch is then copied once, from
+the memory maps straight into the batch's own memory, its rows in file order, by the compiled
+gather (``fastcap::gather_rows``: streaming stores, prefetch after each jump) outside the GIL:
+split over ``torch.get_num_threads()`` threads in the consumer's thread (see
+:func:`_copy_threads`), on one core in each reading thread. Where that memory comes from, and
+how long a batch stays valid, is :class:`_Batches`'s business.
+
+Why runs: every jump to a scattered row costs about as much as copying a few KiB (the row's
+first cache lines and its page's translation start cold). On the 2-core benchmark machine,
+2 KiB rows dealt one by one read at about 0.4x a sequential copy of the same bytes, runs of 16
+rows (32 KiB) at 0.7x, runs of 64 (128 KiB) at 0.9x.
 """
 
 from __future__ import annotations
@@ -27,8 +33,11 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
+from numpy.random import default_rng  # here, not in the first epoch (numpy loads it lazily: ~10 ms)
 import torch.distributed as dist
 from torch.utils.data import IterableDataset, get_worker_info
+
+from fastcap import _ops
 
 __all__ = ["RowLoader"]
 
@@ -40,11 +49,11 @@ _CHUNKS_PER_WINDOW = 16
 _POOL = 4
 #: batches each reading thread may read ahead (DataLoader's prefetch_factor)
 _PREFETCH = 2
-#: a batch is copied run by run when its runs of contiguous rows average at least this many bytes
-#: (one Python step per run); shorter runs are gathered, which copies them as fast (measured with
-#: 2 KiB rows: runs of 8 to 256 rows gathered at 1.1-3x the speed of slices, whole 8 MiB batches
-#: sliced at 1.1x)
-_RUN_BYTES = 1 << 20
+#: the default run: enough contiguous rows for this many bytes (of all the keys' rows together),
+#: where the copy runs at ~0.9x sequential speed (see the module's docstring) ...
+_RUN_BYTES = 128 << 10
+#: ... but at most batch_size // this, so that a full batch holds rows of at least this many runs
+_RUNS_PER_BATCH = 16
 #: with_index fields, by row kind
 _INDEX_FIELDS = {"tokens": ("sample", "position", "token_id"), "samples": ("index",)}
 #: a batch is split over the copying threads in parts of at least this many bytes
@@ -123,8 +132,14 @@ class _Batches:
             return {name: torch.empty(0, dtype=raw).set_(
                         torch.UntypedStorage._new_shared(n * math.prod(shape) * raw.itemsize), 0, (n, *shape))
                     for name, (raw, shape, _) in self._specs.items()}
-        return {name: torch.empty((n, *shape), dtype=raw, pin_memory=self._mode == "pinned")
-                for name, (raw, shape, _) in self._specs.items()}
+        if self._mode == "pinned":
+            return {name: torch.empty((n, *shape), dtype=raw, pin_memory=True)
+                    for name, (raw, shape, _) in self._specs.items()}
+        # numpy's allocator asks the kernel for huge pages for arrays of 4 MiB or more: the
+        # first fill of a new 8 MiB batch then faults in 4 pages, not 2048 (~3 ms of a fresh
+        # process's first batch on the benchmark machine).
+        return {name: torch.from_numpy(np.empty(n * math.prod(shape) * raw.itemsize, np.uint8)).view(raw)
+                .view(n, *shape) for name, (raw, shape, _) in self._specs.items()}
 
     def _idle(self) -> dict[str, torch.Tensor] | None:
         # share_memory_() on a batch moves its memory where another process may read it: let it go.
@@ -193,8 +208,8 @@ class RowLoader(IterableDataset):
 
     def __init__(self, store, keys, batch_size: int = 4096, shuffle: bool = True, seed: int = 0,
                  num_workers: int = 0, *, drop_last: bool = False, with_index: bool = False,
-                 with_columns=None, window: int | None = None, pin_memory: bool = False,
-                 rank: int | None = None, world_size: int | None = None):
+                 with_columns=None, window: int | None = None, run: int | None = None,
+                 pin_memory: bool = False, rank: int | None = None, world_size: int | None = None):
         self.keys = [keys] if isinstance(keys, str) else list(keys)
         if not self.keys or not all(isinstance(key, str) for key in self.keys):
             raise ValueError(f"keys must be a key or a non-empty list of keys, got {keys!r}")
@@ -217,6 +232,9 @@ class RowLoader(IterableDataset):
             raise ValueError(f"window must be an integer >= batch_size={self.batch_size} (rows "
                              f"shuffled together), got {window!r}")
         self.window = int(self.window)
+        row_bytes = sum(array.dtype.itemsize * math.prod(array.row_shape) for array in arrays)
+        self.run = (max(1, min(-(-_RUN_BYTES // max(row_bytes, 1)), self.batch_size // _RUNS_PER_BATCH))
+                    if run is None else _check_int("run", run, 1))
         self.shuffle = bool(shuffle)
         self.drop_last = bool(drop_last)
         self.pin_memory = bool(pin_memory)
@@ -251,8 +269,8 @@ class RowLoader(IterableDataset):
                         for key, array in zip(self.keys, arrays)}
         # In this process, the store's own memory maps: a new loader per epoch maps nothing again.
         self._arrays = dict(zip(self.keys, arrays))
-        self._maps: dict[tuple[str, int], np.ndarray] = {}
-        self._pools: dict[str, _Batches] = {}
+        self._maps: dict[str, list[torch.Tensor]] = {}
+        self._pools: dict[tuple, _Batches] = store._loader_pools  # shared: a new loader per epoch reuses them
         self._rows = len(rows)
         self._layout()
 
@@ -296,7 +314,7 @@ class RowLoader(IterableDataset):
         steps = np.diff(within) == 1
         steps[edges[1:-1] - 1] = True  # a new segment starts afresh
         self._within = None if bool(np.all(steps)) else within.astype(np.int64)
-        size = max(1, self.window // _CHUNKS_PER_WINDOW)
+        size = max(self.run, self.window // _CHUNKS_PER_WINDOW)  # a run fits in a chunk
         starts = [np.arange(a, b, size, dtype=np.int64) for a, b in zip(edges[:-1], edges[1:]) if b > a]
         self._chunk_starts = np.concatenate(starts) if starts else np.zeros(0, dtype=np.int64)
         self._chunk_stops = np.append(self._chunk_starts[1:], n).astype(np.int64)
@@ -335,7 +353,7 @@ class RowLoader(IterableDataset):
         start, stop, batches = self._rank_range()
         order = np.arange(len(self._chunk_starts))
         if self.shuffle:  # the same on every rank and worker
-            order = np.random.default_rng([self.seed, epoch]).permutation(order)
+            order = default_rng([self.seed, epoch]).permutation(order)
         sizes = self._chunk_stops[order] - self._chunk_starts[order]
         ends = np.cumsum(sizes)
         for batch in range(worker, batches, workers):
@@ -355,7 +373,7 @@ class RowLoader(IterableDataset):
         capacity = min(self.window if self.shuffle else self.batch_size, stop - start)
         if capacity <= 0:
             return
-        rng = np.random.default_rng([self.seed, epoch, self.rank, worker, workers])
+        rng = default_rng([self.seed, epoch, self.rank, worker, workers])
         window, filled = np.empty(capacity, np.int64), 0
         labels = None  # for dealing: the batch of each place in a window's permutation
         if self.shuffle and capacity > self.batch_size:
@@ -368,131 +386,153 @@ class RowLoader(IterableDataset):
                 window[filled:filled + count] = np.arange(a, a + count)
                 filled, a = filled + count, a + count
                 if filled == capacity:
-                    order = self._deal(rng, filled)
-                    full = filled // self.batch_size * self.batch_size
-                    yield from self._dealt(window[:filled], order, full, labels)
-                    rest = window[order[full:]]
+                    batches, rest = self._deal(rng, window[:filled], labels, final=False)
+                    yield from batches
                     window[:len(rest)], filled = rest, len(rest)
-        yield from self._dealt(window[:filled], self._deal(rng, filled), filled, labels)
+        yield from self._deal(rng, window[:filled], labels, final=True)[0]
 
-    def _deal(self, rng: np.random.Generator, filled: int) -> np.ndarray:
-        """The order a window's positions go to batches in. A window of one batch keeps its order:
-        its positions come as runs, sorted at once."""
-        return rng.permutation(filled) if self.shuffle and filled > self.batch_size else np.arange(filled)
+    def _deal(self, rng: np.random.Generator, window: np.ndarray, labels: np.ndarray | None,
+              final: bool) -> tuple[list[np.ndarray], np.ndarray]:
+        """A window's positions dealt to batches: the batches (new arrays; shuffled, each
+        ascending), and the positions left for the next window (none when ``final``).
 
-    def _dealt(self, window: np.ndarray, order: np.ndarray, count: int,
-               labels: np.ndarray | None) -> Iterator[np.ndarray]:
-        """The batches ``window[order[first:first + batch_size]]`` for first in 0, batch_size,
-        ... < count, new arrays; shuffled, each sorted. Sorted all at once: the window by
-        position (a few sorted runs: quick), then stably by batch (a radix sort of small
-        labels), which leaves each batch's positions ascending; a sort per batch would cost
-        several times as much."""
-        size = self.batch_size
-        if not self.shuffle:
-            for first in range(0, count, size):
-                yield window[order[first:first + size]]
-        elif count <= size or labels is None:
-            for first in range(0, count, size):
-                yield np.sort(window[order[first:first + size]], kind="stable")
-        else:
-            label = np.empty(len(window), labels.dtype)
-            label[order] = labels[:len(window)]  # beyond count: the rest, sorted last and left
-            by_position = np.argsort(window, kind="stable")
-            positions = window[by_position[np.argsort(label[by_position], kind="stable")]]
-            for first in range(0, count, size):
-                yield positions[first:min(first + size, count)]
+        Shuffled, the window's runs go to batches in a random order (one permutation per
+        window). A run is ``run`` places of consecutive positions, cut short where the positions
+        jump (a chunk ends), so that it is one read; with ``run=1`` every place is a run. A
+        window of one batch keeps its order: its positions come as runs, sorted at once."""
+        size, filled = self.batch_size, len(window)
+        count = filled if final else filled // size * size
+        if not self.shuffle or filled <= size:
+            batches = [window[first:first + size] for first in range(0, count, size)]
+            return [np.sort(b) if self.shuffle else b.copy() for b in batches], window[count:].copy()
+        if self.run == 1:
+            order = rng.permutation(filled)
+            return self._sorted_batches(window, order, count, labels), window[order[count:]]
+        return self._dealt_runs(rng, window, count)
+
+    def _sorted_batches(self, window: np.ndarray, order: np.ndarray, count: int,
+                        labels: np.ndarray) -> list[np.ndarray]:
+        """The batches ``sorted(window[order[first:first + batch_size]])`` for first in 0,
+        batch_size, ... < count. Sorted all at once: the window by position (a few sorted runs:
+        quick), then stably by batch (a radix sort of small labels), which leaves each batch's
+        positions ascending; a sort per batch would cost several times as much."""
+        label = np.empty(len(window), labels.dtype)
+        label[order] = labels[:len(window)]  # beyond count: the rest, sorted last and left
+        by_position = np.argsort(window, kind="stable")
+        positions = window[by_position[np.argsort(label[by_position], kind="stable")]]
+        return [positions[first:min(first + self.batch_size, count)] for first in range(0, count, self.batch_size)]
+
+    def _dealt_runs(self, rng: np.random.Generator, window: np.ndarray,
+                    count: int) -> tuple[list[np.ndarray], np.ndarray]:
+        """``_deal`` for runs longer than one place, worked on runs rather than places: the
+        window's runs in a random order, laid end to end and cut into batches (a run may span
+        two); each batch's pieces of runs sorted by position and spelt out. A window of 65536
+        places in runs of 64 is dealt in ~0.1 ms, where a sort of its places took ~1."""
+        size, filled, run = self.batch_size, len(window), self.run
+        # Stretches of consecutive positions, each cut into runs from its start.
+        stretches = np.concatenate([[0], np.flatnonzero(window[1:] != window[:-1] + 1) + 1]).astype(np.int64)
+        per_stretch = -(-np.diff(stretches, append=filled) // run)
+        before = np.repeat(np.cumsum(per_stretch) - per_stretch, per_stretch)
+        starts = np.repeat(stretches, per_stretch) + (np.arange(len(before)) - before) * run  # first places
+        lengths = np.diff(starts, append=filled)
+        shuffled = rng.permutation(len(starts))
+        starts, lengths = starts[shuffled], lengths[shuffled]
+        ends = np.cumsum(lengths)  # where each run ends, laid end to end in the dealt order
+        # Pieces: the runs cut where a batch ends; each in one run and one batch.
+        cuts = np.sort(np.concatenate([[0], ends[:-1], np.arange(size, count, size)]).astype(np.int64))
+        cuts = cuts[(cuts < count) & (np.diff(cuts, append=count + 1) > 0)]  # once each, below count
+        # (not np.union1d: it imports numpy.ma, 20 ms of a fresh process's first batch)
+        run = np.searchsorted(ends, cuts, side="right")
+        first = window[starts[run] + cuts - (ends[run] - lengths[run])]  # a piece's first position
+        pieces = np.diff(cuts, append=count)
+        batch = cuts // size
+        by = np.lexsort((first, batch))
+        first, pieces = first[by], pieces[by]
+        positions = np.repeat(first - (np.cumsum(pieces) - pieces), pieces) + np.arange(count)
+        batches = [positions[f:f + size] for f in range(0, count, size)]
+        if count == filled:
+            return batches, window[:0]
+        dealt = np.repeat(starts - (ends - lengths), lengths) + np.arange(filled)  # places, dealt order
+        return batches, window[dealt[count:]]
 
     # ------------------------------------------------------------------ reading
 
-    def _map(self, key: str, shard: int) -> np.ndarray:
-        """The rows of one shard file, memory-mapped; as a plain ndarray, whose slices cost no
-        Python calls (an np.memmap's do)."""
-        if (key, shard) not in self._maps:
-            mapped = (self._arrays[key]._map(shard) if self._arrays is not None
-                      else np.load(self._files[key][shard], mmap_mode="r"))
-            self._maps[key, shard] = mapped.view(np.ndarray)
-        return self._maps[key, shard]
+    def _sources(self, key: str) -> list[torch.Tensor]:
+        """The rows of each shard file of ``key``, memory-mapped, as uint8 ``[rows, row bytes]``
+        for the gather. Mapped copy-on-write ("c", as the store maps): writable, so torch takes
+        them without a warning, and nothing reaches the files."""
+        if key not in self._maps:
+            maps = [self._arrays[key]._map(shard) if self._arrays is not None
+                    else np.load(path, mmap_mode="c") for shard, path in enumerate(self._files[key])]
+            self._maps[key] = [torch.from_numpy(m.view(np.ndarray).reshape(len(m), math.prod(m.shape[1:]))
+                                                .view(np.uint8)) for m in maps]
+        return self._maps[key]
 
     def _pool(self, mode: str) -> _Batches:
-        if mode not in self._pools:
-            specs = {key: (torch.from_numpy(np.empty(0, dtype)).dtype, shape, torch_dtype)
-                     for key, (dtype, shape, torch_dtype) in self._dtypes.items()}
-            for field, values in self._fields.items():  # int64 index fields, kept columns' own dtypes
-                dtype = torch.from_numpy(values[:0]).dtype
-                specs[field] = (dtype, values.shape[1:], dtype)
-            self._pools[mode] = _Batches(specs, self.batch_size, mode,
-                                         _POOL + (_PREFETCH + 1) * self.num_workers)
-        return self._pools[mode]
+        """The batch memory of ``mode`` for batches like this loader's: in the main process the
+        store's, shared by its loaders of the same batch size, keys, fields and workers."""
+        specs = {key: (torch.from_numpy(np.empty(0, dtype)).dtype, shape, torch_dtype)
+                 for key, (dtype, shape, torch_dtype) in self._dtypes.items()}
+        for field, values in self._fields.items():  # int64 index fields, kept columns' own dtypes
+            dtype = torch.from_numpy(values[:0]).dtype
+            specs[field] = (dtype, values.shape[1:], dtype)
+        size = _POOL + (_PREFETCH + 1) * self.num_workers
+        if mode == "recycle" and not hasattr(torch._C, "_storage_Use_Count"):
+            mode = "fresh"  # see _Batches
+        key = (mode, self.batch_size, size, tuple(specs.items()))
+        if key not in self._pools:
+            self._pools.setdefault(key, _Batches(specs, self.batch_size, mode, size))
+        return self._pools[key]
 
-    def _pieces(self, positions: np.ndarray) -> tuple[list[tuple[int, int, int, np.ndarray]], np.ndarray]:
-        """A batch's rows as pieces of one shard each: (shard, first, stop in the batch, rows in
-        the shard, int64); and an array whose steps of 1 are the steps to the next row of a
-        file within a piece (to count runs)."""
-        if self.shuffle:  # ascending, in file order: one piece per shard segment it touches
-            cuts = np.searchsorted(positions, self._seg_bounds)
-            within = None if self._within is None else self._within[positions]
-            pieces = []
-            for i in np.flatnonzero(cuts[1:] > cuts[:-1]).tolist():
-                a, b = int(cuts[i]), int(cuts[i + 1])
-                rows = positions[a:b] - self._seg_offset[i] if within is None else within[a:b]
-                pieces.append((int(self._seg_shard[i]), a, b, rows))
-            return pieces, positions if within is None else within
-        shards, within = self._shard_of[positions], self._row_of[positions]  # the store's order
-        cuts = [0, *(np.flatnonzero(shards[1:] != shards[:-1]) + 1).tolist(), len(positions)]
-        return [(int(shards[a]), a, b, within[a:b]) for a, b in zip(cuts[:-1], cuts[1:])], within
+    def _where(self, positions: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """Where a batch's rows lie: the shard of each and its row there (int64 tensors)."""
+        if self.shuffle:  # ascending, in file order: each shard segment's rows found by one search
+            segment = np.searchsorted(self._seg_bounds, positions, side="right") - 1
+            rows = positions - self._seg_offset[segment] if self._within is None else self._within[positions]
+            shard = self._seg_shard[segment]
+        else:  # the store's order
+            shard, rows = self._shard_of[positions], self._row_of[positions]
+        return (torch.from_numpy(shard.astype(np.int64, copy=False)),
+                torch.from_numpy(rows.astype(np.int64, copy=False)))
 
     def _batch(self, positions: np.ndarray, pool: _Batches) -> dict[str, torch.Tensor]:
         """The rows at ``positions`` of the read order (ascending when shuffled: each shard's
-        rows read in one forward sweep), copied once from the memory maps into the batch: a
-        slice per run of contiguous rows of one shard where runs are long, else a gather per
-        shard straight into the batch. In the consumer's thread the batch is cut into parts
-        copied at once by up to ``_copy_threads()`` threads (this one and helpers); a reading
-        thread copies all of it itself."""
-        pieces, steps = self._pieces(positions)
+        rows read in one forward sweep), copied once from the memory maps into the batch, a
+        gather per shard. In the consumer's thread the batch is cut into parts copied at once
+        by up to ``_copy_threads()`` threads (this one and helpers); a reading thread copies
+        all of it itself."""
+        where = self._where(positions)
         fill, batch = pool.take(len(positions))
-        fill = {key: fill[key].numpy() for key in self.keys}
-        n, row_bytes = len(positions), sum(fill[key][:1].nbytes for key in self.keys)
-        # Short runs cost a Python step each: gather them shard by shard instead.
-        runs = int(np.count_nonzero(steps[1:] - steps[:-1] != 1)) + len(pieces)  # at most one too many per piece
-        slices = runs * _RUN_BYTES < n * row_bytes
+        n = len(positions)
+        fill = {key: fill[key].view(n, -1).view(torch.uint8) for key in self.keys if fill[key][:1].nbytes}
+        row_bytes = sum(out.shape[1] for out in fill.values())
         parts = 1 if getattr(_IN_READER, "active", False) else min(_copy_threads(), n * row_bytes // _PART_BYTES)
         if parts > 1:
             cuts = [n * i // parts for i in range(parts + 1)]
             helpers = _helpers()
-            done = [helpers.submit(self._copy, pieces, fill, slices, a, b) for a, b in zip(cuts[1:-1], cuts[2:])]
+            done = [helpers.submit(self._copy, where, fill, a, b) for a, b in zip(cuts[1:-1], cuts[2:])]
             try:
-                self._copy(pieces, fill, slices, 0, cuts[1])
+                self._copy(where, fill, 0, cuts[1])
             finally:  # every part done before the batch goes (or this thread's error does)
                 errors = [part.exception() for part in done]
             for error in errors:
                 if error is not None:
                     raise error
         else:
-            self._copy(pieces, fill, slices, 0, n)
+            self._copy(where, fill, 0, n)
         if self._fields:
             rows = positions if self._by_file is None else self._by_file[positions]
             for field, values in self._fields.items():
                 np.take(values, rows, axis=0, out=batch[field].numpy(), mode="clip")
         return batch
 
-    def _copy(self, pieces: list, fill: dict[str, np.ndarray], slices: bool, lo: int, hi: int) -> None:
-        """Rows lo..hi of a batch, from its pieces (see _pieces) into ``fill``: numpy's copies,
-        which release the GIL."""
-        for shard, a, b, rows in pieces:
-            x, y = max(a, lo), min(b, hi)
-            if x >= y:
-                continue
-            rows = rows[x - a:y - a]
-            if slices:
-                runs = [0, *(np.flatnonzero(np.diff(rows) != 1) + 1).tolist(), y - x]
-                for key in self.keys:
-                    source, out = self._map(key, shard), fill[key][x:y]
-                    for u, v in zip(runs[:-1], runs[1:]):
-                        first = int(rows[u])
-                        np.copyto(out[u:v], source[first:first + v - u])
-            else:  # mode="clip": the default "raise" gathers into a temporary and copies it again
-                for key in self.keys:
-                    np.take(self._map(key, shard), rows, axis=0, out=fill[key][x:y], mode="clip")
+    def _copy(self, where: tuple[torch.Tensor, torch.Tensor], fill: dict[str, torch.Tensor], lo: int,
+              hi: int) -> None:
+        """Rows lo..hi of a batch (``where`` they lie: see _where) into ``fill`` (uint8 ``[n, row
+        bytes]`` per key): the compiled gather, one call per key, which releases the GIL."""
+        shard, rows = where
+        for key, out in fill.items():
+            _ops.gather_rows(self._sources(key), shard[lo:hi], rows[lo:hi], out[lo:hi])
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         info = get_worker_info()
