@@ -1,6 +1,6 @@
 """Language-model extraction with early exit: ``fastcap.extract`` against the hand-written loop.
 
-    .venv/bin/python benchmarks/bench_extract_lm.py [--rounds 5] [--quick] [--out benchmarks/results/NAME.json]
+    .venv/bin/python benchmarks/bench_extract_lm.py [--rounds 15] [--quick] [--out benchmarks/results/NAME.json]
 
 Model: a seeded random GPT-2 causal LM with its head (``GPT2LMHeadModel``, 8 blocks, width 512,
 8 heads, vocabulary 50257, 128 positions; ``torch.manual_seed(0)``), eval, float32, CPU, two
@@ -25,17 +25,17 @@ it returns a tuple), every token but BOS, written to disk. Three methods:
 Before any timing, one run of each is checked: fastcap's stored rows (``fastcap.open(out)[key][:]``)
 must equal the hand loop's bit for bit, and Hugging Face's ``output_hidden_states`` (entries 3
 and 5, BOS dropped; taken from ``model.transformer``, which computes them without the head)
-within 1e-5; the benchmark fails loudly otherwise. Then ``--rounds`` rounds (default 5), each
+within 1e-5; the benchmark fails loudly otherwise. Then ``--rounds`` rounds (default 15), each
 running every method once over all the data, in a new random order per round (the six orders
 drawn without replacement), all in this process. Times: medians over rounds; ratios: medians
 of the ratios paired within a round.
 
 Peak RSS over the model: each method in a fresh process (peak RSS is a process-lifetime
-figure; ``--peak METHOD``), twice each, in a random order: the process builds the model,
+figure; ``--peak METHOD``), five times each, in a random order: the process builds the model,
 resets its peak RSS to the current RSS (``5`` into ``/proc/self/clear_refs``: building the
 random model peaks about 0.5 GiB above what it keeps, which would otherwise be every method's
 peak), reads its RSS (``VmRSS``), runs the method once over the data and reports its peak RSS
-(``VmHWM``) minus the RSS after building; the median of the two runs. ``VmHWM``, not
+(``VmHWM``) minus the RSS after building; the median of the five runs (glibc and torch make a run's peak vary by up to 2x: 115-250 MiB seen for one method). ``VmHWM``, not
 ``ru_maxrss``: ``getrusage`` also takes the maximum with the process's ``signal->maxrss``, which
 ``exec`` sets from the spawning process's memory (this 1.4 GiB benchmark, through ``vfork``) and
 every exiting thread from the peak before the reset, so in a child of a large process it reads
@@ -73,7 +73,7 @@ from fastcap import bench
 LAYERS = {"resid2": "transformer.h.2", "resid4": "transformer.h.4"}
 HIDDEN_INDEX = {"resid2": 3, "resid4": 5}  # hidden_states[i + 1] is block i's output
 CONFIG = {"n_layer": 8, "n_embd": 512, "n_head": 8, "vocab_size": 50257, "n_positions": 128}
-FULL = {"rows": 64, "context": 128, "batch": 8, "rounds": 5, "peak_runs": 2}
+FULL = {"rows": 64, "context": 128, "batch": 8, "rounds": 15, "peak_runs": 5}
 QUICK = {"rows": 16, "context": 128, "batch": 8, "rounds": 1, "peak_runs": 1}
 METHODS = ("plain", "hand_exit", "fastcap")
 BOS = CONFIG["vocab_size"] - 1
@@ -431,7 +431,7 @@ def markdown(result: dict) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rounds", type=int, help="interleaved timing rounds (default 5; --quick: 1)")
+    parser.add_argument("--rounds", type=int, help="interleaved timing rounds (default 15; --quick: 1)")
     parser.add_argument("--quick", action="store_true", help="1 round of 16 rows, one peak run each (a smoke run)")
     parser.add_argument("--out", default=f"benchmarks/results/cpu-{time.strftime('%Y%m%d')}-extract-early-exit.json",
                         help="the JSON to write; the markdown goes beside it (.md)")

@@ -549,8 +549,17 @@ std::optional<std::vector<Item>> Core::next_slots() {
 
 bool Core::wait_finished(double timeout_s) {
   std::unique_lock<std::mutex> lock(mutex_);
-  changed_.wait_for(lock, std::chrono::duration<double>(timeout_s), [&] { return !steps_.empty() || stopping_; });
+  changed_.wait_for(lock, std::chrono::duration<double>(timeout_s),
+                    [&] { return !steps_.empty() || stopping_ || waits_released_; });
   return !steps_.empty();
+}
+
+void Core::release_waits() {
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    waits_released_ = true;
+  }
+  changed_.notify_all();
 }
 
 std::vector<Core::KeyResult> Core::result(const std::string& thread, bool in_forward) {

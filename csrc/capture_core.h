@@ -179,6 +179,9 @@ class Core {
   std::optional<std::vector<Item>> next_slots();
   // Blocks until a finished step waits to be drained, at most timeout_s; whether one does.
   bool wait_finished(double timeout_s);
+  // Wakes every wait_finished() now and makes later ones return at once: for a consumer
+  // thread being stopped, which would otherwise sleep out its wait before it looks again.
+  void release_waits();
   // Every finished step not drained yet, collected (by this thread where nobody else is), then
   // per key its parts concatenated along dim 0 into tensors of their own: one copy per part,
   // straight from the arena (one block when the steps lie next to each other in one chunk).
@@ -252,6 +255,7 @@ class Core {
   uint64_t next_step_ = 0;
   int64_t steps_finished_ = 0;
   bool stopping_ = false;
+  bool waits_released_ = false;
   bool slow_path_ = false;
   std::vector<bool> ran_;
   std::vector<std::vector<std::shared_ptr<CallPlan>>> plans_;  // [layer][call]

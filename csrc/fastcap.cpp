@@ -336,6 +336,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
           },
           "The next finished step as {key: SlotItem} still in its slots, or None.")
       .def("wait_finished", &Core::wait_finished, py::arg("timeout_s"), py::call_guard<py::gil_scoped_release>())
+      .def("release_waits", &Core::release_waits, py::call_guard<py::gil_scoped_release>())
       .def(
           "result",
           [](Core& core, const std::string& thread, bool in_forward) {

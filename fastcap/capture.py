@@ -220,6 +220,11 @@ class Capture:
         """
         return self._core.wait_finished(timeout)
 
+    def _release_waits(self) -> None:
+        """Wakes every :meth:`wait_for_steps` now, and makes later ones return at once: for a
+        consumer thread being stopped (extract's writer), so it ends without sleeping out a wait."""
+        self._core.release_waits()
+
     def _results(self) -> list:
         thread, in_forward = self._consumer()
         return self._core.result(thread, in_forward)

@@ -27,6 +27,7 @@ import fastcap
 # The disk-full case must make one shard's file fail: fastcap.store._writer.NpyStream writes
 # every shard .npy file (also used by test_robust_extract.py).
 _writer_module = importlib.import_module("fastcap.store._writer")
+_capture_module = importlib.import_module("fastcap.capture")  # the writer waits in Capture.wait_for_steps
 
 DEADLINE = 60.0  # seconds: far above what any of these runs needs, even on a busy machine
 
@@ -72,6 +73,38 @@ def small_model() -> nn.Sequential:
 
 
 # ------------------------------------------------------------------ 1. a failing writer
+
+
+def test_the_writer_ends_at_once_when_stopped_not_after_its_wait(tmp_path, monkeypatch):
+    """The writer thread waits for steps a poll interval at a time; stopping it wakes it, so an
+    extract ends as soon as its last shard is written. With the interval made an hour, a writer
+    that slept out its wait would hold the run for an hour (here: past the deadline)."""
+    monkeypatch.setattr(_writer_module, "_WRITER_POLL_SECONDS", 3600.0)
+    batches = [torch.randn(4, 6, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    written, idle = [], threading.Event()  # idle: every step written, the writer about to wait
+    write_step, wait_for_steps = _writer_module.ShardWriter._write_step, _capture_module.Capture.wait_for_steps
+    stop = _writer_module.ShardWriter.stop
+
+    def counted(self, items):
+        write_step(self, items)
+        written.append(1)
+
+    def waiting(self, timeout):
+        if len(written) == len(batches):
+            idle.set()
+        return wait_for_steps(self, timeout)
+
+    def stop_when_idle(self):  # the main thread stops the writer only once it sleeps in its wait
+        assert idle.wait(DEADLINE)
+        stop(self)
+
+    monkeypatch.setattr(_writer_module.ShardWriter, "_write_step", counted)
+    monkeypatch.setattr(_capture_module.Capture, "wait_for_steps", waiting)
+    monkeypatch.setattr(_writer_module.ShardWriter, "stop", stop_when_idle)
+    finished, store, error = run_on_thread(lambda: fastcap.extract(
+        small_model(), batches, "head", "full", out=tmp_path / "out", progress=False))
+    assert finished, "extract waited for its writer's poll interval after the last batch"
+    assert error is None and store.complete and store["head"].shape[0] == 12
 
 
 def test_writer_failing_while_the_forward_waits_raises_its_oserror(tmp_path, monkeypatch):

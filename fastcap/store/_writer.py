@@ -22,7 +22,7 @@ from fastcap._slots import INDEX_MODE
 from fastcap.store._format import (INDICES_SUFFIX, MANIFEST, TOKEN_KEYS, RAW_BITS, encode_runs, fsync_dir, header,
                                    key_meta, merge_manifests, npy_header, out_error, rank_name, read_json,
                                    write_json_atomic)
-from fastcap.store._stats import Moments, combine, shard_moments
+from fastcap.store._stats import Moments, array_moments, combine, shard_moments
 
 # How long the writer thread waits for a step (or for the main thread's word) between checks
 # of its stop flag.
@@ -138,6 +138,7 @@ class Shard:
         self.samples = 0
         self.tokens = 0  # kept tokens (rows of the token-major keys), with tokens=
         self.step_rows: list[int] = []  # rows of each step appended, in order
+        self.moments: dict[str, Moments | None] = {}  # per statistics key, of every row appended
 
     def append(self, arrays: dict[str, np.ndarray], rows: int, tokens: int = 0) -> int:
         """Append one step's rows (``rows`` samples, ``tokens`` kept tokens); its batch's
@@ -148,6 +149,8 @@ class Shard:
             if key not in self.streams:
                 self.streams[key] = NpyStream(self.tmp / meta["file"], array.dtype, tuple(meta["row_shape"]))
             written += self.streams[key].write(array)
+            if meta.get("stats"):
+                self.moments[key] = combine(self.moments.get(key), array_moments(array, meta["torch_dtype"]))
         self.samples += rows
         self.tokens += tokens
         self.step_rows.append(rows)
@@ -208,18 +211,19 @@ class Shard:
         return files
 
     def _moments(self, positions: np.ndarray, num_samples: int | None) -> dict:
-        """Each statistics key's moments over the shard's rows that the store presents: a
-        DistributedSampler's padding duplicates (positions >= num_samples) left out."""
+        """Each statistics key's moments over the shard's rows that the store presents: those of
+        every row appended; for a shard holding a DistributedSampler's padding duplicates
+        (positions >= num_samples), read again from its files without them."""
         keys = self.rank_dir.state["keys"]
-        keep = None
-        if num_samples is not None and len(positions) and positions.max() >= num_samples:
-            keep = positions < num_samples
+        if num_samples is None or not len(positions) or positions.max() < num_samples:
+            return {key: moments for key, moments in self.moments.items() if moments is not None}
+        keep = positions < num_samples
         moments = {}
         for key, meta in keys.items():
             if not meta.get("stats") or key not in self.streams:
                 continue
             rows = keep
-            if keep is not None and meta.get("rows") == "tokens":  # a token's sample is a shard row
+            if meta.get("rows") == "tokens":  # a token's sample is a shard row
                 rows = keep[np.load(self.streams[TOKEN_KEYS[0]].path).astype(np.int64)]
             result = shard_moments(self.streams[key].path, meta["torch_dtype"], rows)
             if result is not None:
@@ -324,6 +328,8 @@ class ShardWriter:
         with self._submitted:
             self._stop.set()
             self._submitted.notify_all()
+        if self._cap is not None:  # a thread waiting for steps looks again now, and ends
+            self._cap._release_waits()
 
     def _loop(self) -> None:
         try:
