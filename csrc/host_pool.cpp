@@ -4,6 +4,9 @@
 
 #include <cstdlib>
 #include <utility>
+#include <vector>
+
+#include <sys/mman.h>
 
 #ifdef FASTCAP_WITH_CUDA
 #include <c10/cuda/CUDAException.h>
@@ -22,6 +25,18 @@ std::atomic<int64_t> g_pinned_bytes{0};
 constexpr int64_t kAlign = 64;
 constexpr int64_t kMinBucket = 4096;
 constexpr int64_t kMaxBytes = int64_t{1} << 62;
+// Plain blocks of at least this size are mapped from the kernel, not taken from malloc's heap
+// (which glibc serves them from once its mmap threshold has risen): a slot lives as long as its
+// capture, or the pool's cache, and in the heap it would sit amid a forward's short-lived
+// activations, keeping the heap from shrinking behind it; mapped, release_cached() gives it
+// back to the system at once.
+constexpr int64_t kMapBytes = int64_t{1} << 20;
+
+void* plain_alloc(int64_t bytes) {
+  if (bytes < kMapBytes) return std::aligned_alloc(kAlign, bytes);
+  void* data = mmap(nullptr, static_cast<size_t>(bytes), PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  return data == MAP_FAILED ? nullptr : data;
+}
 
 void count_live(int64_t bytes, bool pinned) {
   g_host_bytes += bytes;
@@ -92,10 +107,10 @@ std::shared_ptr<HostBuffer> HostPool::allocate(int64_t bytes) {
     TORCH_CHECK(!pinned_, "fastcap was built without CUDA: pinned host memory is unavailable");
 #endif
     if (!pinned_) {
-      data = std::aligned_alloc(kAlign, capacity);
+      data = plain_alloc(capacity);
       if (data == nullptr) {
         release_cached();
-        data = std::aligned_alloc(kAlign, capacity);
+        data = plain_alloc(capacity);
       }
       TORCH_CHECK(data != nullptr, "fastcap: out of host memory allocating a ring slot of ", capacity,
                   " bytes");
@@ -120,13 +135,13 @@ void HostPool::give_back(void* data, int64_t bytes) {
     stats_.allocated_bytes -= bytes;
     stats_.frees += 1;
     lock.unlock();
-    free_block(data);
+    free_block(data, bytes);
     return;
   }
   stats_.cached_bytes += bytes;
 }
 
-void HostPool::free_block(void* data) const {
+void HostPool::free_block(void* data, int64_t bytes) const {
 #ifdef FASTCAP_WITH_CUDA
   if (pinned_) {
     // Never throw (this runs in destructors): a failed free is reported, not raised.
@@ -134,17 +149,21 @@ void HostPool::free_block(void* data) const {
     return;
   }
 #endif
-  std::free(data);
+  if (bytes >= kMapBytes) {
+    munmap(data, static_cast<size_t>(bytes));
+  } else {
+    std::free(data);
+  }
 }
 
 int64_t HostPool::release_cached() {
-  std::vector<void*> blocks;
+  std::vector<std::pair<void*, int64_t>> blocks;
   int64_t freed = 0;
   {
     std::lock_guard<std::mutex> lock(mutex_);
     for (auto& [bytes, list] : free_) {
       freed += bytes * static_cast<int64_t>(list.size());
-      blocks.insert(blocks.end(), list.begin(), list.end());
+      for (void* b : list) blocks.emplace_back(b, bytes);
     }
     free_.clear();
     stats_.cached_bytes -= freed;
@@ -152,7 +171,7 @@ int64_t HostPool::release_cached() {
     stats_.frees += static_cast<int64_t>(blocks.size());
   }
   // After the lock: cudaFreeHost synchronises the device.
-  for (void* b : blocks) free_block(b);
+  for (const auto& [b, bytes] : blocks) free_block(b, bytes);
   return freed;
 }
 

@@ -77,7 +77,7 @@ class HostPool {
   friend struct HostBuffer;
   explicit HostPool(bool pinned) : pinned_(pinned) {}
   void give_back(void* data, int64_t bytes);    // the last owner of a pooled block let go
-  void free_block(void* data) const;
+  void free_block(void* data, int64_t bytes) const;  // bytes: its bucket size
 
   const bool pinned_;
   mutable std::mutex mutex_;
