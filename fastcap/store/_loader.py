@@ -93,6 +93,12 @@ def _check_int(name: str, value, minimum: int) -> int:
     return int(value)
 
 
+def _usable(mode: str) -> str:
+    """``mode`` of :class:`_Batches`, but "fresh" for "recycle" without torch's use count (a
+    private function): then every batch is new memory."""
+    return "fresh" if mode == "recycle" and not hasattr(torch._C, "_storage_Use_Count") else mode
+
+
 def _users(tensor: torch.Tensor) -> int:
     """How many references its memory has: tensors and views of it, numpy arrays of them."""
     return torch._C._storage_Use_Count(tensor.untyped_storage()._cdata)
@@ -123,7 +129,7 @@ class _Batches:
     def __init__(self, specs: dict[str, tuple[torch.dtype, tuple, torch.dtype]], batch_size: int, mode: str,
                  size: int):
         self._specs, self._batch_size, self._size = specs, batch_size, size
-        self._mode = "fresh" if mode == "recycle" and not hasattr(torch._C, "_storage_Use_Count") else mode
+        self._mode = _usable(mode)
         self._pool: list[tuple[dict[str, torch.Tensor], dict[str, int]]] = []  # memory, its idle use counts
         self._lock = threading.Lock()  # two reading threads never get one batch's memory
 
@@ -477,8 +483,7 @@ class RowLoader(IterableDataset):
             dtype = torch.from_numpy(values[:0]).dtype
             specs[field] = (dtype, values.shape[1:], dtype)
         size = _POOL + (_PREFETCH + 1) * self.num_workers
-        if mode == "recycle" and not hasattr(torch._C, "_storage_Use_Count"):
-            mode = "fresh"  # see _Batches
+        mode = _usable(mode)
         key = (mode, self.batch_size, size, tuple(specs.items()))
         if key not in self._pools:
             self._pools.setdefault(key, _Batches(specs, self.batch_size, mode, size))
