@@ -208,6 +208,24 @@ def test_resumed_stats_equal_an_uninterrupted_run(tmp_path):
     assert resumed.manifest["stats"] == clean.manifest["stats"]
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float8_e4m3fn", "float8_e5m2"])
+def test_stored_rows_convert_to_float64_as_torch_does(dtype):
+    """The statistics read rows as stored (raw bits for dtypes numpy lacks) and convert them with
+    numpy alone: every value of a one-byte float, and bfloat16 values with inf and nan among them,
+    equal torch's own conversion to float64."""
+    from fastcap.store import _stats
+    torch_dtype = getattr(torch, dtype)
+    if torch_dtype.itemsize == 1:
+        values = torch.arange(256, dtype=torch.uint8).view(torch_dtype).reshape(16, 16)
+    else:
+        values = torch.randn(64, 8).mul(1e3).to(torch_dtype)
+        values[0, :3] = torch.tensor([float("inf"), float("-inf"), float("nan")])
+    stored = _writer._to_numpy(values)
+    got = _stats._float64(stored, dtype)
+    want = values.to(torch.float64).numpy()
+    assert got.dtype == np.float64 and np.array_equal(got, want, equal_nan=True)
+
+
 def test_stats_with_infinities_and_nan_equal_numpy(tmp_path):
     """Non-finite rows spread over shards: each statistic is numpy's, bit for bit where it is inf
     or nan (Chan's merge alone turns a shard's inf mean into nan)."""

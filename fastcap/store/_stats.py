@@ -12,6 +12,7 @@ nan mean, a nan variance).
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -116,13 +117,20 @@ def array_moments(array: np.ndarray, torch_dtype: str) -> Moments | None:
 
 
 def _float64(rows: np.ndarray, torch_dtype: str) -> np.ndarray:
-    """Stored rows as float64: numpy's own floats converted; bfloat16's raw bits are the top
-    half of a float32's (exact); other raw-bit dtypes (float8) through torch."""
+    """Stored rows as float64, by numpy alone (this runs in the writer thread: see of_rows):
+    numpy's own floats converted; bfloat16's raw bits are the top half of a float32's (exact);
+    a one-byte float's (float8) looked up in a table of its 256 values."""
     if rows.dtype.kind == "f":
         return rows.astype(np.float64)
     if torch_dtype == "bfloat16":
         return (rows.astype(np.uint32) << 16).view(np.float32).astype(np.float64)
-    return torch.from_numpy(np.ascontiguousarray(rows)).view(getattr(torch, torch_dtype)).to(torch.float64).numpy()
+    return _byte_values(torch_dtype)[rows]
+
+
+@functools.lru_cache(maxsize=None)
+def _byte_values(torch_dtype: str) -> np.ndarray:
+    """The float64 value of each of the 256 bit patterns of a one-byte float dtype."""
+    return torch.arange(256, dtype=torch.uint8).view(getattr(torch, torch_dtype)).to(torch.float64).numpy()
 
 
 def shard_moments(path, torch_dtype: str, keep: np.ndarray | None) -> Moments | None:
