@@ -1,5 +1,5 @@
-// fastcap._C: the Python binding of the capture core (capture_core.h), of the ring, and of the
-// host pool. The op schemas are in ops.cpp, the kernels in csrc/cpu/ and csrc/cuda/.
+// fastcap._C: the Python binding of the capture core (capture_core.h), of the ring, of the
+// host pool, and of the CPU block cache extract runs its forwards under. The op schemas are in ops.cpp, the kernels in csrc/cpu/ and csrc/cuda/.
 //
 // The forward hook of a captured layer is a Hook object of this module: torch calls it with
 // (module, args, output), and it hands the output's tensor to Core::hook() - one compiled call
@@ -10,6 +10,7 @@
 #include <torch/version.h>
 
 #include "capture_core.h"
+#include "cpu_block_cache.h"
 #include "host_pool.h"
 #include "ring.h"
 #include "transfer.h"
@@ -186,6 +187,30 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       "The host pools' counters. *_allocated_bytes: blocks the pool owns, in use by rings or cached; "
       "*_cached_bytes: the cached part. Summed over both pools: allocations (real allocations), reuses "
       "(requests served from the cache), frees (real frees: empty_cache()).");
+
+  // The CPU block cache (cpu_block_cache.h). Releasing a block unmaps it: without the GIL.
+  m.def("cpu_block_cache_begin", &cpu_block_cache_begin, py::call_guard<py::gil_scoped_release>(),
+        "Serves torch's CPU blocks of 1 MiB or more from a cache of mapped blocks (nests); returns whether "
+        "it is torch's CPU allocator now.");
+  m.def("cpu_block_cache_step", &cpu_block_cache_step, py::call_guard<py::gil_scoped_release>(),
+        "The end of a step: unmaps the blocks that stayed cached since the step before ended.");
+  m.def("cpu_block_cache_end", &cpu_block_cache_end, py::call_guard<py::gil_scoped_release>(),
+        "Puts the previous CPU allocator back (last call of a nest) and unmaps the cached blocks.");
+  m.def(
+      "cpu_block_cache_stats",
+      [] {
+        const CpuBlockCacheStats s = cpu_block_cache_stats();
+        py::dict d;
+        d["active"] = s.active;
+        d["maps"] = s.maps;
+        d["reuses"] = s.reuses;
+        d["unmaps"] = s.unmaps;
+        d["live_bytes"] = s.live_bytes;
+        d["cached_bytes"] = s.cached_bytes;
+        return d;
+      },
+      "The CPU block cache's counters: active (torch's CPU allocator now), maps, reuses and unmaps so "
+      "far, live_bytes (blocks held by tensors), cached_bytes (blocks waiting for reuse).");
 
   // Tests without a GPU: the CUDA transfer's protocol on the CPU (transfer.h).
   m.def(

@@ -1,0 +1,226 @@
+#include "cpu_block_cache.h"
+
+#include <c10/core/Allocator.h>
+#include <c10/core/CPUAllocator.h>
+#include <c10/util/Exception.h>
+#include <pthread.h>
+#include <sys/mman.h>
+
+#include <cstring>
+#include <map>
+#include <mutex>
+#include <unordered_map>
+#include <utility>
+#include <vector>
+
+namespace fastcap {
+namespace {
+
+constexpr int64_t kPageBytes = 4096;
+
+struct Cached {
+  void* data;
+  int64_t step;  // the step in which it was cached
+};
+
+void unmap_all(const std::vector<std::pair<void*, int64_t>>& blocks) {
+  for (const auto& [data, bytes] : blocks) munmap(data, static_cast<size_t>(bytes));
+}
+
+void free_block(void* data);
+
+class BlockCache final : public c10::Allocator {
+ public:
+  c10::DataPtr allocate(size_t n) override {
+    std::unique_lock<std::mutex> lock(mutex_);
+    c10::Allocator* const previous = previous_;
+    if (active_ && static_cast<int64_t>(n) >= kCpuBlockMinBytes) {
+      const int64_t bytes = (static_cast<int64_t>(n) + kPageBytes - 1) / kPageBytes * kPageBytes;
+      // Best fit among the cached blocks at most a quarter larger than asked.
+      auto it = cached_.lower_bound(bytes);
+      if (it != cached_.end() && it->first <= bytes + bytes / 4) {
+        void* data = it->second.data;
+        const int64_t size = it->first;
+        cached_.erase(it);
+        cached_bytes_ -= size;
+        stats_.reuses += 1;
+        return hand_out(lock, data, size);
+      }
+      lock.unlock();  // the system call without the lock
+      void* data = map(bytes);
+      lock.lock();
+      if (data != nullptr) {
+        stats_.maps += 1;
+        return hand_out(lock, data, bytes);
+      }
+    }
+    lock.unlock();
+    return previous->allocate(n);  // small, off, or the kernel refused (previous reports OOM)
+  }
+
+  c10::DeleterFnPtr raw_deleter() const override { return &free_block; }
+
+  void copy_data(void* dest, const void* src, std::size_t count) const override {
+    default_copy_data(dest, src, count);
+  }
+
+  // A block's tensor died: cache it while on, else unmap it; a small block goes back to
+  // the allocator that made it (raw_allocate of a small size).
+  void release(void* data) {
+    c10::Allocator* previous;
+    {
+      std::unique_lock<std::mutex> lock(mutex_);
+      previous = previous_;
+      auto it = live_.find(data);
+      if (it != live_.end()) {
+        const int64_t bytes = it->second;
+        const bool active = active_;
+        live_.erase(it);
+        live_bytes_ -= bytes;
+        if (active) {
+          cached_.emplace(bytes, Cached{data, step_});
+          cached_bytes_ += bytes;
+        } else {
+          stats_.unmaps += 1;
+        }
+        const Totals totals{live_bytes_, live_bytes_ + cached_bytes_};
+        lock.unlock();
+        report(data, -bytes, totals);
+        if (!active) munmap(data, static_cast<size_t>(bytes));
+        return;
+      }
+    }
+    if (previous != nullptr) {
+      previous->raw_deleter()(data);
+    }
+  }
+
+  bool begin() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (depth_++ > 0) return active_;
+    static const bool fork_handlers = register_fork_handlers();
+    (void)fork_handlers;
+    c10::Allocator* current = c10::GetCPUAllocator();
+    // Priority 0, torch's default allocator's: put back at the same priority by end(), so a
+    // later SetCPUAllocator of the user's at the default priority still works.
+    c10::SetCPUAllocator(this, 0);
+    active_ = c10::GetCPUAllocator() == this;  // false: another allocator holds a higher priority
+    if (active_) previous_ = current;
+    return active_;
+  }
+
+  void step() {
+    std::vector<std::pair<void*, int64_t>> unused;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      for (auto it = cached_.begin(); it != cached_.end();) {
+        if (it->second.step < step_) {  // cached before this step began and not taken since
+          unused.emplace_back(it->second.data, it->first);
+          cached_bytes_ -= it->first;
+          it = cached_.erase(it);
+        } else {
+          ++it;
+        }
+      }
+      stats_.unmaps += static_cast<int64_t>(unused.size());
+      step_ += 1;
+    }
+    unmap_all(unused);
+  }
+
+  void end() {
+    std::vector<std::pair<void*, int64_t>> cached;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      TORCH_CHECK(depth_ > 0, "fastcap: cpu_block_cache_end() without cpu_block_cache_begin()");
+      if (--depth_ > 0) return;
+      if (active_ && c10::GetCPUAllocator() == this) {
+        c10::SetCPUAllocator(previous_, 0);  // unless someone replaced the cache meanwhile
+      }
+      active_ = false;
+      cached.reserve(cached_.size());
+      for (const auto& [bytes, block] : cached_) cached.emplace_back(block.data, bytes);
+      cached_.clear();
+      cached_bytes_ = 0;
+      stats_.unmaps += static_cast<int64_t>(cached.size());
+    }
+    unmap_all(cached);
+  }
+
+  CpuBlockCacheStats stats() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    CpuBlockCacheStats out = stats_;
+    out.active = active_ && c10::GetCPUAllocator() == this;
+    out.live_bytes = live_bytes_;
+    out.cached_bytes = cached_bytes_;
+    return out;
+  }
+
+ private:
+  static void* map(int64_t bytes) {
+    void* data = mmap(nullptr, static_cast<size_t>(bytes), PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS,
+                      -1, 0);
+    return data == MAP_FAILED ? nullptr : data;
+  }
+
+  struct Totals {
+    int64_t allocated, reserved;
+  };
+
+  // Called under the lock; lets go of it.
+  c10::DataPtr hand_out(std::unique_lock<std::mutex>& lock, void* data, int64_t bytes) {
+    live_.emplace(data, bytes);
+    live_bytes_ += bytes;
+    const Totals totals{live_bytes_, live_bytes_ + cached_bytes_};
+    lock.unlock();
+    report(data, bytes, totals);
+    return {data, data, &free_block, c10::Device(c10::DeviceType::CPU)};
+  }
+
+  // torch.profiler's memory view sees these blocks as it sees the default allocator's
+  // (outside the lock: the profiler's bookkeeping is not ours to hold it over).
+  static void report(void* data, int64_t bytes, Totals totals) {
+    if (c10::memoryProfilingEnabled()) {
+      c10::reportMemoryUsageToProfiler(data, bytes, static_cast<size_t>(totals.allocated),
+                                       static_cast<size_t>(totals.reserved), c10::Device(c10::DeviceType::CPU));
+    }
+  }
+
+  // A fork (a DataLoader starting its workers) while another thread holds the lock would
+  // leave the child's copy locked for ever: the lock is taken around the fork.
+  static bool register_fork_handlers();
+
+  std::mutex mutex_;
+  c10::Allocator* previous_ = nullptr;
+  bool active_ = false;
+  int depth_ = 0;
+  int64_t step_ = 0;
+  std::unordered_map<void*, int64_t> live_;  // block -> its mapped bytes
+  std::multimap<int64_t, Cached> cached_;    // mapped bytes -> blocks waiting for reuse
+  int64_t live_bytes_ = 0;
+  int64_t cached_bytes_ = 0;
+  CpuBlockCacheStats stats_;
+};
+
+// Never destroyed: a tensor may die during static destruction and still come back here.
+BlockCache& cache() {
+  static BlockCache* instance = new BlockCache();
+  return *instance;
+}
+
+void free_block(void* data) { cache().release(data); }
+
+bool BlockCache::register_fork_handlers() {
+  pthread_atfork([] { cache().mutex_.lock(); }, [] { cache().mutex_.unlock(); },
+                 [] { cache().mutex_.unlock(); });
+  return true;
+}
+
+}  // namespace
+
+bool cpu_block_cache_begin() { return cache().begin(); }
+void cpu_block_cache_step() { cache().step(); }
+void cpu_block_cache_end() { cache().end(); }
+CpuBlockCacheStats cpu_block_cache_stats() { return cache().stats(); }
+
+}  // namespace fastcap
