@@ -201,6 +201,29 @@ def test_disk_full_keeps_committed_shards_and_resumes(tmp_path, monkeypatch):
     _assert_store_equals(store, _reference(model, loader, ["0", "3"], "full"))
 
 
+
+def test_the_writer_flushes_each_shard_to_disk_as_it_goes(tmp_path, monkeypatch):
+    """Write-behind: the writer thread fdatasyncs a shard's files every _SYNC_BYTES appended,
+    not only at its commit; the files are the same."""
+    synced = []
+    original = _writer.NpyStream.sync
+
+    def counted(self):
+        synced.append((self.path.name, self.rows))
+        original(self)
+
+    model, loader = worker.tiny_model(), _loader(50, 8)
+    monkeypatch.setattr(_writer.NpyStream, "sync", counted)
+    monkeypatch.setattr(_writer, "_SYNC_BYTES", 1)  # every step
+    store = fastcap.extract(model, loader, ["0", "3"], "full", out=tmp_path / "a", shard_size=16)
+    # 7 steps, 2 keys: each step's files flushed right after it was appended
+    assert len(synced) == 7 * 2 and synced[:2] == [("0.npy", 8), ("3.npy", 8)], synced
+    monkeypatch.undo()
+    _assert_store_equals(store, _reference(model, loader, ["0", "3"], "full"))
+    fastcap.extract(model, loader, ["0", "3"], "full", out=tmp_path / "b", shard_size=16)
+    assert _files(tmp_path / "a") == _files(tmp_path / "b")
+
+
 # ------------------------------------------------------------------ argument checks
 
 

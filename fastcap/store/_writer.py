@@ -27,6 +27,10 @@ from fastcap.store._stats import Moments, array_moments, combine, shard_moments
 # How long the writer thread waits for a step (or for the main thread's word) between checks
 # of its stop flag.
 _WRITER_POLL_SECONDS = 0.05
+#: Write-behind: a shard's files are flushed to disk each time this many bytes were appended,
+#: by the writer thread while the model runs, so that a commit's fsync (the last one on the
+#: forward's thread, after the last batch) waits for the last few MiB only.
+_SYNC_BYTES = 8 << 20
 
 
 class RankDir:
@@ -108,6 +112,11 @@ class NpyStream:
         self.nbytes += data.nbytes
         return data.nbytes
 
+    def sync(self) -> None:
+        """The data written so far, on disk."""
+        self._file.flush()
+        os.fdatasync(self._file.fileno())
+
     def close(self) -> dict:
         """Finish the file; returns its manifest entry (size in bytes, crc32 of the data)."""
         self._file.seek(0)
@@ -139,6 +148,7 @@ class Shard:
         self.tokens = 0  # kept tokens (rows of the token-major keys), with tokens=
         self.step_rows: list[int] = []  # rows of each step appended, in order
         self.moments: dict[str, Moments | None] = {}  # per statistics key, of every row appended
+        self._unsynced = 0  # bytes appended since the files were last flushed to disk
 
     def append(self, arrays: dict[str, np.ndarray], rows: int, tokens: int = 0) -> int:
         """Append one step's rows (``rows`` samples, ``tokens`` kept tokens); its batch's
@@ -154,6 +164,11 @@ class Shard:
         self.samples += rows
         self.tokens += tokens
         self.step_rows.append(rows)
+        self._unsynced += written
+        if self._unsynced >= _SYNC_BYTES:
+            for stream in self.streams.values():
+                stream.sync()
+            self._unsynced = 0
         return written
 
     def commit(self, indices: np.ndarray, positions: np.ndarray, columns: dict | None = None) -> None:
