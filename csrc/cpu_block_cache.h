@@ -6,9 +6,11 @@
 // 110 MiB over its model in one process and 240 MiB in another (a single malloc and free of
 // 1.6 MB beforehand is enough to switch), and every page it touches anew is a page fault.
 //
-// While the cache is on, torch's CPU allocator is replaced: a block of kMinBytes or more is
-// mapped from the kernel and, when its tensor dies, kept for the next request of its size
-// (up to a quarter larger) instead of going back. The forwards then reuse the same pages
+// While the cache is on, torch's CPU allocator is replaced: a block of kCpuBlockMinBytes or
+// more is mapped from the kernel (huge pages advised; its start at one of 64 cache-line
+// offsets, so that blocks do not all alias in the cache) and, when its tensor dies, kept for
+// the next request it fits (a block at most a quarter larger than asked) instead of going
+// back. The forwards then reuse the same pages
 // every batch: peak memory is that of the live tensors (plus the blocks one batch frees),
 // the same in every process, and the steady state makes no system call and no page fault.
 // Smaller requests go to the allocator that was there before.

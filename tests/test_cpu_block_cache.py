@@ -53,6 +53,8 @@ def test_a_freed_block_serves_the_next_request_of_its_size(block_cache):
     assert (delta(before, "maps"), delta(before, "reuses")) == (1, 1)
     c = torch.empty(floats(1.25))  # nothing cached fits: a new block
     assert delta(before, "maps") == 2
+    assert b.data_ptr() % 64 == 0 and c.data_ptr() % 64 == 0
+    assert b.data_ptr() % 4096 != c.data_ptr() % 4096  # not both on a page boundary: no aliasing
     small = torch.empty(1000)  # below 1 MiB: torch's own allocator
     assert delta(before, "maps") == 2 and counters()["live_bytes"] == 2 * MIB + int(1.25 * MIB)
     b.fill_(3.0)
