@@ -206,6 +206,19 @@ class BlockCache final : public c10::Allocator {
   // leave the child's copy locked for ever: the lock is taken around the fork.
   static bool register_fork_handlers();
 
+  // A forked child (a DataLoader worker) runs no forward of extract's: torch's allocator is
+  // put back there, the cached blocks unmapped, and inherited tensors' blocks are unmapped
+  // when they die. Under the lock taken before the fork, which it gives up.
+  void after_fork_in_child() {
+    if (active_ && c10::GetCPUAllocator() == this) c10::SetCPUAllocator(previous_, 0);
+    active_ = false;
+    depth_ = 0;
+    for (const auto& [bytes, block] : cached_) block.unmap();
+    cached_.clear();
+    cached_bytes_ = 0;
+    mutex_.unlock();
+  }
+
   std::mutex mutex_;
   c10::Allocator* previous_ = nullptr;
   bool active_ = false;
@@ -229,7 +242,7 @@ void free_block(void* data) { cache().release(data); }
 
 bool BlockCache::register_fork_handlers() {
   pthread_atfork([] { cache().mutex_.lock(); }, [] { cache().mutex_.unlock(); },
-                 [] { cache().mutex_.unlock(); });
+                 [] { cache().after_fork_in_child(); });
   return true;
 }
 

@@ -19,7 +19,8 @@
 // default, at its priority), end() puts the previous allocator back and unmaps the cached
 // blocks; step() unmaps the blocks that stayed cached through a whole step (sizes a batch
 // no longer asks for). Blocks still alive after end() are unmapped when their tensors die.
-// Calls nest (a counter); the cache is process-wide, guarded by one mutex, and fork-safe.
+// Calls nest (a counter); the cache is process-wide, guarded by one mutex, and fork-safe (a
+// forked child, such as a DataLoader worker, gets torch's allocator back).
 #pragma once
 
 #include <cstdint>

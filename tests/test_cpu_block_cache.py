@@ -163,6 +163,9 @@ class BigSamples(Dataset):
         return 16
 
     def __getitem__(self, i):
+        if torch.utils.data.get_worker_info() is not None:  # a forked worker: torch's allocator
+            state = C.cpu_block_cache_stats()
+            assert not state["active"] and state["cached_bytes"] == 0, state
         return torch.full((512, 1024), float(i))
 
 
@@ -176,8 +179,8 @@ class Mean(torch.nn.Module):
 
 
 def test_dataloader_workers_forked_under_the_cache_collate_their_batches(tmp_path):
-    """Workers start (fork) while the cache is torch's allocator: their collated batches come
-    from the cache's copy in the child, and every row arrives."""
+    """Workers start (fork) while the cache is torch's allocator: in the child it is put back
+    (nothing cached there), and every row arrives."""
     data = DataLoader(BigSamples(), batch_size=4, num_workers=2)
     store = fastcap.extract(Mean().eval(), data, "pool", "full", out=tmp_path / "out")
     assert np.array_equal(store["pool"][:], np.repeat(np.arange(16, dtype=np.float32)[:, None], 512, axis=1))
