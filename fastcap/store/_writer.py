@@ -115,7 +115,7 @@ class NpyStream:
     def sync(self) -> None:
         """The data written so far, on disk."""
         self._file.flush()
-        os.fdatasync(self._file.fileno())
+        getattr(os, "fdatasync", os.fsync)(self._file.fileno())  # macOS has no fdatasync
 
     def close(self) -> dict:
         """Finish the file; returns its manifest entry (size in bytes, crc32 of the data)."""
