@@ -4,20 +4,18 @@
 #include <c10/core/CPUAllocator.h>
 #include <c10/util/Exception.h>
 #include <pthread.h>
-#include <sys/mman.h>
 
-#include <cstring>
 #include <map>
 #include <mutex>
 #include <unordered_map>
-#include <utility>
 #include <vector>
+
+#include "mapped_block.h"
 
 namespace fastcap {
 namespace {
 
 constexpr int64_t kPageBytes = 4096;
-constexpr int64_t kHugePageBytes = int64_t{2} << 20;
 
 // A mapping, and where in it a tensor's bytes start.
 struct Block {
@@ -27,7 +25,7 @@ struct Block {
   int64_t step;    // once cached: the step in which it was
 
   // Mapped: bytes + one page, for the offset.
-  void unmap() const { munmap(static_cast<char*>(data) - offset, static_cast<size_t>(bytes + kPageBytes)); }
+  void unmap() const { unmap_block(static_cast<char*>(data) - offset, bytes + kPageBytes); }
 };
 
 void unmap_all(const std::vector<Block>& blocks) {
@@ -57,7 +55,7 @@ class BlockCache final : public c10::Allocator {
       // forwards ran 2-4 % slower so). Each block starts at one of 64 cache-line offsets.
       const int64_t offset = (next_offset_++ * 37 % 64) * 64;
       lock.unlock();  // the system call without the lock
-      char* base = map(bytes + kPageBytes);
+      char* base = static_cast<char*>(map_block(bytes + kPageBytes));
       lock.lock();
       if (base != nullptr) {
         stats_.maps += 1;
@@ -168,19 +166,6 @@ class BlockCache final : public c10::Allocator {
   }
 
  private:
-  static char* map(int64_t bytes) {
-    void* data = mmap(nullptr, static_cast<size_t>(bytes), PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS,
-                      -1, 0);
-    if (data == MAP_FAILED) return nullptr;
-    // Huge pages where the kernel has them: a new block's first touch then faults once per
-    // 2 MiB instead of once per 4 KiB (0.02 against 0.4 ms per MiB measured here). Advice
-    // only: refused (THP off), the block is the same.
-#ifdef MADV_HUGEPAGE
-    if (bytes >= kHugePageBytes) madvise(data, static_cast<size_t>(bytes), MADV_HUGEPAGE);
-#endif
-    return static_cast<char*>(data);
-  }
-
   struct Totals {
     int64_t allocated, reserved;
   };

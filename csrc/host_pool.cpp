@@ -6,7 +6,7 @@
 #include <utility>
 #include <vector>
 
-#include <sys/mman.h>
+#include "mapped_block.h"
 
 #ifdef FASTCAP_WITH_CUDA
 #include <c10/cuda/CUDAException.h>
@@ -33,9 +33,7 @@ constexpr int64_t kMaxBytes = int64_t{1} << 62;
 constexpr int64_t kMapBytes = int64_t{1} << 20;
 
 void* plain_alloc(int64_t bytes) {
-  if (bytes < kMapBytes) return std::aligned_alloc(kAlign, bytes);
-  void* data = mmap(nullptr, static_cast<size_t>(bytes), PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-  return data == MAP_FAILED ? nullptr : data;
+  return bytes < kMapBytes ? std::aligned_alloc(kAlign, bytes) : map_block(bytes);
 }
 
 void count_live(int64_t bytes, bool pinned) {
@@ -150,7 +148,7 @@ void HostPool::free_block(void* data, int64_t bytes) const {
   }
 #endif
   if (bytes >= kMapBytes) {
-    munmap(data, static_cast<size_t>(bytes));
+    unmap_block(data, bytes);
   } else {
     std::free(data);
   }
